@@ -1,0 +1,32 @@
+"""The interface every face backend implements.
+
+A backend only detects and embeds; choosing among several faces, retrying, alignment crops,
+combining photos and caching are done once, above it, in :mod:`fastface.faces`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .types import Face
+
+
+@runtime_checkable
+class FaceBackend(Protocol):
+    name: str  # registry name, e.g. "dlib"
+    model_id: str  # identifies the weights (cache key), e.g. "dlib_face_recognition_resnet_model_v1"
+    embedding_dim: int
+    licence: str
+
+    def detect(self, image: np.ndarray, *, det_size: int | None = None) -> list[Face]:
+        """Faces in an RGB uint8 image (H, W, 3), with bbox, score and 5 keypoints.
+
+        ``det_size`` is a hint for detectors that run at a fixed input size (SCRFD); others ignore it.
+        """
+        ...
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """The L2-normalised embedding (embedding_dim,) float32 of ``face`` in ``image``."""
+        ...
