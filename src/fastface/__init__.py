@@ -21,7 +21,17 @@ _LAZY = {
     "FastFaceError": "fastface.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "AttentionManipulation",
+    "FastFaceError",
+    "FastFacePipeline",
+    "GenerationResult",
+    "GuidanceConfig",
+    "Identity",
+    "decoupled_guidance",
+    "manipulated_ip_attention",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import AttentionManipulation, manipulated_ip_attention
