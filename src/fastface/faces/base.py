@@ -15,6 +15,12 @@ from .types import Face
 
 @runtime_checkable
 class FaceBackend(Protocol):
+    """Optional attributes, read with ``getattr`` (so they are not part of the protocol check):
+    ``det_sizes`` (tuple of det_size values to retry when nothing is found, default (640, 480, 320);
+    ``()`` for detectors without a fixed input size) and ``config_id`` (str: constructor options that
+    change the results, added to the embedding-cache key).
+    """
+
     name: str  # registry name, e.g. "dlib"
     model_id: str  # identifies the weights (cache key), e.g. "dlib_face_recognition_resnet_model_v1"
     embedding_dim: int
