@@ -104,6 +104,14 @@ class DlibBackend:
             raise ConfigError(f"dlib upsample must be 0..3, got {upsample!r}")
         self._dlib = dlib = _import_dlib()
         folder = models_dir()
+        for needed in ("recognition", int(landmarks), *(("cnn",) if detector == "cnn" else ())):
+            if not (folder / MODEL_FILES[needed]).is_file():
+                # The wheel (0.1.3) ships only the recogniser and the 68-point model; the CNN detector and the
+                # 5-point model come with the source-only 0.3 release.
+                raise MissingWeightsError(
+                    f"dlib model file {MODEL_FILES[needed]} is not installed in {folder}: "
+                    "pip install 'face-recognition-models>=0.3' for the CNN detector and the 5-point model"
+                )
         self.detector_kind = detector
         self.num_landmarks = int(landmarks)
         self.upsample = upsample
