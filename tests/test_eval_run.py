@@ -1,0 +1,190 @@
+"""Generation grid end to end with the tiny backbone, in real subprocesses: straight, killed and
+resumed, refused on a changed option, split over two processes by `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eval_helpers import fastface_cli
+from fastface.evaluation.dataset import write_smoke_dataset
+
+GRID = ["--backbone", "tiny", "--limit", "2", "--seeds", "2", "--no-progress"]
+N_SAMPLES = 2 * 4 * 2  # identities x (2 realistic + 2 stylistic) x seeds
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "images").glob("*.png"))}
+
+
+def _temporaries(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.rglob(".tmp-*")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    return write_smoke_dataset(tmp_path_factory.mktemp("eval-run") / "smoke").root
+
+
+@pytest.fixture(scope="module")
+def straight(smoke, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = fastface_cli("eval", "run", "--dataset", str(smoke), "--run-dir", str(run_dir), *GRID)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def test_straight_run_layout(straight, smoke):
+    images = _files(straight)
+    records = sorted((straight / "records").glob("*.json"))
+    assert len(images) == len(records) == N_SAMPLES
+    manifest = json.loads((straight / "manifest.json").read_text())
+    assert manifest["config"]["backbone"] == "tiny" and manifest["samples"] == N_SAMPLES
+    assert len(manifest["dataset"]["fingerprint"]) == 64 and manifest["versions"]["torch"]
+    assert "eval run" in manifest["command"] and "--backbone tiny" in manifest["canonical_command"]
+    reproduce = (straight / "REPRODUCE.md").read_text()
+    assert manifest["canonical_command"] in reproduce and manifest["dataset"]["fingerprint"] in reproduce
+    record = json.loads(records[0].read_text())
+    assert record["unet_evaluations"] == 10  # tiny backbone: 4 steps of the fastface branch plan
+    assert record["wall_ms"] > 0 and record["peak_memory_mb"] > 0 and record["seed"] >= 0
+    assert record["image_sha256"] and (straight / record["image"]).is_file()
+    assert len({json.loads(r.read_text())["seed"] for r in records}) == N_SAMPLES
+
+
+def test_killed_again_and_again_then_resumed_is_bit_identical(straight, smoke, tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fastface.cli", "eval", "run", "--dataset", str(smoke), "--run-dir", str(run_dir), *GRID]
+    rng = random.Random(1234)
+    env = {**os.environ, **ENV}
+    kills = 0
+    for attempt in range(3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = len(list((run_dir / "records").glob("*.json"))) if (run_dir / "records").is_dir() else 0
+        if attempt == 0:
+            time.sleep(rng.uniform(1.0, 4.0))  # during start-up / model loading
+        else:
+            # Wait for generation to be under way, then kill at a random moment within it.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if len(list((run_dir / "records").glob("*.json"))) > before:
+                    break
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 3
+    partial = len(list((run_dir / "records").glob("*.json")))
+    assert partial < N_SAMPLES
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{N_SAMPLES - partial} generated, {partial} already done" in result.stdout
+    assert _files(run_dir) == _files(straight)
+    assert sorted(p.name for p in (run_dir / "records").iterdir()) == sorted(
+        p.name for p in (straight / "records").iterdir())
+    assert _temporaries(run_dir) == []
+
+
+def test_resume_with_a_changed_option_is_refused(straight, smoke):
+    result = fastface_cli("eval", "run", "--dataset", str(smoke), "--run-dir", str(straight), *GRID,
+                          "--steps", "3", "--ip-scale", "0.5")
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert message.startswith("error: refusing to resume") and len(message.splitlines()) == 1
+    assert "--steps" in message and "--ip-scale" in message and "--width" not in message
+    assert len(_files(straight)) == N_SAMPLES
+
+
+def test_resume_with_a_changed_dataset_is_refused(straight, smoke, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(smoke, other)
+    with open(other / "prompts" / "realistic.txt", "a") as fh:
+        fh.write("a person reading under a tree\n")
+    result = fastface_cli("eval", "run", "--dataset", str(other), "--run-dir", str(straight), *GRID)
+    assert result.returncode == 2 and "--dataset differs" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_two_processes_equals_one(straight, smoke, tmp_path):
+    run_dir = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "fastface.cli",
+           "eval", "run", "--dataset", str(smoke), "--run-dir", str(run_dir), *GRID]
+    result = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0 of 2" in result.stdout and "rank 1 of 2" in result.stdout
+    ranks = {json.loads(p.read_text())["rank"] for p in (run_dir / "records").glob("*.json")}
+    assert ranks == {0, 1}
+    assert _files(run_dir) == _files(straight)
+    assert _temporaries(run_dir) == []
+
+
+def test_run_score_report_end_to_end(straight, smoke, tmp_path):
+    """Offline: tiny backbone, tiny CLIP and aesthetic head, dlib + FaceNet; the no-identity reference
+    run gives CLIP-I; models that cannot be had are reported unavailable; the page shows grid and plot."""
+    from eval_helpers import make_aesthetic_head, make_tiny_clip
+
+    reference = tmp_path / "no-identity"
+    ref = fastface_cli("eval", "run", "--dataset", str(smoke), "--run-dir", str(reference), *GRID, "--no-identity")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    clip = make_tiny_clip(tmp_path / "clip")
+    head = make_aesthetic_head(tmp_path / "head.pth", width=16)
+    scored = fastface_cli("eval", "score", "--run-dir", str(straight), "--reference-run", str(reference),
+                          "--clip-model", str(clip), "--aesthetic-head", str(head),
+                          "--face-backends", "arcface,dlib,facenet", "--no-progress",
+                          env={"FASTFACE_FACE_MODELS": str(tmp_path / "no-face-models")})
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    scores = json.loads((straight / "scores.json").read_text())
+    metrics = scores["metrics"]
+    assert metrics["id.arcface"]["status"] == "unavailable" and metrics["id.arcface"]["reason"]
+    assert metrics["image_reward"]["status"] == "unavailable" and "image-reward" in metrics["image_reward"]["reason"]
+    assert all(metrics[k]["status"] == "ok" for k in ("id.dlib", "id.facenet", "clip_t.clip", "clip_i.clip", "aesthetic"))
+    rows = scores["samples"]
+    assert len(rows) == N_SAMPLES
+    assert all("id.arcface" not in r and "image_reward" not in r for r in rows)  # never a made-up 0
+    assert all(r["face_detected.dlib"] == 0.0 and r["id.dlib"] is None for r in rows)  # noise: no face
+    assert all(-1 <= r["clip_i.clip"] <= 1 and -1 <= r["clip_t.clip"] <= 1 for r in rows)
+    assert sum("clip_style.clip" in r for r in rows) == N_SAMPLES // 2  # stylistic samples only
+    assert len(list((straight / "scores").glob("*.json"))) == N_SAMPLES * 5  # dlib, facenet, clip, aesthetic, CLIP-I
+
+    out = tmp_path / "report"
+    rep = fastface_cli("eval", "report", str(straight), str(reference), "--out", str(out))
+    assert rep.returncode == 2  # the reference run has not been scored
+    assert "has not been scored" in rep.stderr
+    rep = fastface_cli("eval", "report", str(straight), "--out", str(out))
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    split_all = report["runs"][0]["aggregate"]["splits"]["all"]
+    assert split_all["id.dlib"]["failure_rate"] == 1.0 and split_all["id.dlib"]["mean"] is None
+    assert split_all["id.dlib"]["mean_failures_as_zero"] == 0.0
+    assert split_all["id.arcface"] == {"status": "unavailable", "reason": metrics["id.arcface"]["reason"]}
+    assert set(report["runs"][0]["aggregate"]["identities"]) == {"astronaut", "grace-hopper"}
+    page = (out / "index.html").read_text()
+    import re
+
+    pictures = re.findall(r"<img src='([^']+)'", page)
+    assert "quality_vs_cost.png" in pictures and any(p.startswith("grid_") for p in pictures)
+    for name in pictures:
+        assert (out / name).is_file() and (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "unavailable" in page and "id.arcface" in page
+    csv_text = (out / "report.csv").read_text()
+    assert "id.dlib" in csv_text and "unavailable" in csv_text
