@@ -77,13 +77,13 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Check every name and number of a generation configuration without loading a model."""
-    from .adapters import get_adapter
+    from .adapters import spec_for_backbone
     from .backbones import get_backbone
     from .guidance import GuidanceConfig, resolve_schedule
     from .presets import get_method, plain_cfg
 
     backbone = get_backbone(args.backbone)
-    adapter = get_adapter(args.adapter) if args.adapter not in (None, "none") else None
+    adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
     method = get_method(args.method)
     steps = args.steps if args.steps is not None else backbone.steps
     if steps < 1:
@@ -145,8 +145,7 @@ def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
 
 def default_face_backend(adapter: Any) -> str:
     """The encoder an adapter was trained on: ArcFace for the real ones, dlib for the tiny ones."""
-    dim = getattr(adapter, "embedding_dim", 512)
-    return "dlib" if dim == 128 else "arcface"
+    return getattr(adapter, "face_backend", None) or "arcface"
 
 
 def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> Any:

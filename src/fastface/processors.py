@@ -1,0 +1,176 @@
+"""The identity branch of the decoupled cross-attention, with attention manipulation (METHOD §1, §3).
+
+:class:`FastFaceIPAttnProcessor` replaces diffusers' ``IPAdapterAttnProcessor2_0`` on every
+``attn2`` layer. The text branch, the output projection and everything else are computed exactly
+as diffusers does; only the identity branch changes: its tokens, scale, step index and attention
+manipulation come with each UNet call in one frozen :class:`IPContext`, so a processor holds no
+per-call state and a call that fails midway leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+from .attention import AttentionManipulation, manipulated_ip_attention
+
+PARTS = ("down", "mid", "up")
+
+# The key under which the context travels in ``cross_attention_kwargs``. diffusers' Attention
+# drops every kwarg that a processor's signature lacks and warns about it, except for a few quiet
+# names; "ip_hidden_states" is one of them. The self-attention processors (which also receive the
+# kwargs) thus ignore it silently, and this processor declares it as a parameter.
+CONTEXT_KEY = "ip_hidden_states"
+
+
+@dataclass(frozen=True)
+class IPContext:
+    """What the identity branch needs in one UNet call.
+
+    ``tokens`` (B, S, C): identity tokens per sample of the UNet batch (branches × images);
+    ``scale``: the adapter scale λ; ``step``: the denoising loop index k (a Python int, never a
+    device value); ``attention``: the attention manipulation, or None.
+    """
+
+    tokens: torch.Tensor
+    scale: float
+    step: int
+    attention: AttentionManipulation | None = None
+
+
+def part_of(name: str) -> str:
+    """"down", "mid" or "up" from a processor name such as ``up_blocks.0.attentions.1...``."""
+    if name.startswith("down_blocks"):
+        return "down"
+    if name.startswith("mid_block"):
+        return "mid"
+    if name.startswith("up_blocks"):
+        return "up"
+    raise ValueError(f"attention layer {name!r} is in no UNet part")
+
+
+class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
+    """diffusers' IP-Adapter processor with the identity branch driven by an :class:`IPContext`.
+
+    Shares the ``to_k_ip``/``to_v_ip`` modules of the processor it replaces (no copy). Without a
+    context (the UNet called outside FastFace) the identity branch is off: text-only attention.
+    """
+
+    def __init__(self, base: IPAdapterAttnProcessor2_0, part: str) -> None:
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        # The parent allocates its own projections; on the meta device that costs nothing, and
+        # they are replaced by the loaded ones right away.
+        with torch.device("meta"):
+            super().__init__(base.hidden_size, base.cross_attention_dim, list(base.num_tokens), list(base.scale))
+        self.to_k_ip = base.to_k_ip
+        self.to_v_ip = base.to_v_ip
+        self.part = part
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ip_hidden_states: IPContext | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if isinstance(encoder_hidden_states, tuple):  # diffusers' (text, image) form: text only
+            encoder_hidden_states = encoder_hidden_states[0]
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        context = ip_hidden_states
+        if context is not None and context.scale != 0:
+            identity = self._identity_branch(attn, query, context, batch_size, head_dim)
+            hidden_states = hidden_states + context.scale * identity
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _identity_branch(
+        self, attn: Attention, query: torch.Tensor, context: IPContext, batch_size: int, head_dim: int
+    ) -> torch.Tensor:
+        """Attn(Q, K_ip, V_ip) with AM where the context's configuration targets this part and step."""
+        tokens = context.tokens
+        if tokens.shape[0] != batch_size:
+            tokens = tokens.expand(batch_size, -1, -1)
+        ip_key = self.to_k_ip[0](tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        ip_value = self.to_v_ip[0](tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        am = context.attention
+        if am is not None and am.targets(self.part, context.step):
+            out = manipulated_ip_attention(query, ip_key, ip_value, am, part=self.part, step=context.step)
+        else:
+            out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+
+def install(unet: Any) -> dict[str, Any]:
+    """Put a :class:`FastFaceIPAttnProcessor` on every IP-Adapter layer of ``unet``.
+
+    Returns the previous processors, for :func:`uninstall`. Layers without an IP-Adapter
+    processor keep theirs.
+    """
+    previous = dict(unet.attn_processors)
+    replaced = {}
+    for name, processor in previous.items():
+        if isinstance(processor, FastFaceIPAttnProcessor) or not isinstance(processor, IPAdapterAttnProcessor2_0):
+            replaced[name] = processor
+        else:
+            replaced[name] = FastFaceIPAttnProcessor(processor, part_of(name))
+    unet.set_attn_processor(replaced)
+    return previous
+
+
+def uninstall(unet: Any, previous: Mapping[str, Any]) -> None:
+    """Restore the processors :func:`install` returned."""
+    unet.set_attn_processor(dict(previous))
+
+
+def installed(unet: Any) -> dict[str, FastFaceIPAttnProcessor]:
+    """The FastFace processors currently on ``unet``, by layer name."""
+    return {n: p for n, p in unet.attn_processors.items() if isinstance(p, FastFaceIPAttnProcessor)}
