@@ -51,6 +51,12 @@ def _optional_module(name: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    # The CLI owns its process: keep library chatter (load-time notices about optional torchvision
+    # image processors or LoRA prefixes) off the terminal unless the user asks for it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

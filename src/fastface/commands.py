@@ -185,7 +185,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
     identity = load_identity(args.face, args.face_backend, config["adapter"])
     pipe = load_pipeline(args, config)
-    _print_licence(pipe)
     result = pipe(
         args.prompt,
         face=identity,
@@ -201,6 +200,7 @@ def run_generate(args: argparse.Namespace) -> int:
         lora_scale=args.lora_scale,
     )
     paths = write_images(result, out, single_file=single_file)
+    print(licence_line(result.metadata[0].get("licence", {})), file=sys.stderr)
     for path in paths:
         print(path)
     return 0
@@ -222,11 +222,13 @@ def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     )
 
 
-def _print_licence(pipe: Any) -> None:
-    licence = getattr(pipe, "licence_summary", None)
-    text = licence() if callable(licence) else licence
-    if text:
-        print(f"licence: {text}", file=sys.stderr)
+def licence_line(licence: dict[str, Any]) -> str:
+    """One line naming the licence of every checkpoint in the combination that was run."""
+    parts = []
+    for role, value in licence.items():
+        text = "; ".join(value) if isinstance(value, (list, tuple)) else str(value)
+        parts.append(f"{role.replace('_', ' ')}: {text}")
+    return "licence: " + " | ".join(parts)
 
 
 def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str = "image") -> list[Path]:

@@ -1,0 +1,152 @@
+"""The ``fastface`` command line, run as real subprocesses on the tiny models and real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PORTRAIT = Path(__file__).resolve().parents[1] / "src" / "fastface" / "data" / "portrait.jpg"
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    cache = tmp_path_factory.mktemp("fastface-cache")
+    # One thread per subprocess: the suite may share its 2 cores with other work, and oversubscribed
+    # OpenMP threads make tiny-model steps orders of magnitude slower.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FASTFACE_CACHE=str(cache), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return env
+
+
+def fastface(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastface.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error: ")]
+    assert len(error_lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle.lower() in error_lines[0].lower(), error_lines[0]
+
+
+def test_generate_writes_images_and_sidecars(cli_env, tmp_path):
+    out = tmp_path / "out"
+    proc = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "a person on a beach",
+                    "--prompt", "a person in a forest", "--num-images", "2", "--seed", "7",
+                    "--backbone", "tiny", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4
+    seeds = []
+    for png in pngs:
+        meta = json.loads(png.with_suffix(".json").read_text())
+        seeds.append(meta["seed"])
+        assert meta["unet_evaluations"] == 10  # default fastface preset at 4 steps
+        assert meta["backbone"] == "tiny" and meta["method"] == "fastface"
+        assert Image.open(png).size == (64, 64)
+    assert sorted(seeds) == [7, 8, 9, 10]  # image i of the call uses seed + i
+    licence = [line for line in proc.stderr.splitlines() if line.startswith("licence: ")]
+    assert len(licence) == 1 and "backbone: tiny random test weights" in licence[0]
+    assert "face model:" in licence[0]  # the dlib models that produced the embedding
+    printed = sorted(line for line in proc.stdout.splitlines() if line.endswith(".png"))
+    assert printed == [str(p) for p in pngs]
+
+
+def test_presets_lists_everything(cli_env):
+    proc = fastface(cli_env, "presets", "--json")
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(proc.stdout)
+    backbones = {b["name"] for b in table["backbones"]}
+    assert {"sdxl", "hyper-1", "hyper-2", "hyper-4", "hyper-8", "lcm", "lightning-2", "lightning-4",
+            "lightning-8", "turbo", "dmd2", "tcd", "tiny"} <= backbones
+    assert {a["name"] for a in table["adapters"]} >= {"faceid", "faceid-plusv2"}
+    assert {m["name"] for m in table["methods"]} == {"fastface", "fastface-softmask", "dcg", "am", "none"}
+    assert all(b["licence"] for b in table["backbones"])
+    human = fastface(cli_env, "presets")
+    assert human.returncode == 0 and "licence" in human.stdout
+
+
+def test_non_image_face(cli_env, tmp_path):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("this is not an image")
+    proc = fastface(cli_env, "generate", "--face", str(bogus), "--prompt", "x", "--backbone", "tiny",
+                    "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "notes.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_face_without_face(cli_env, tmp_path):
+    from skimage import data
+
+    cat = tmp_path / "cat.png"
+    Image.fromarray(data.chelsea()).save(cat)
+    proc = fastface(cli_env, "generate", "--face", str(cat), "--prompt", "x", "--backbone", "tiny",
+                    "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "no face", "cat.png")
+
+
+def test_wrong_size_embedding(cli_env, tmp_path):
+    embedding = tmp_path / "face.npy"
+    np.save(embedding, np.ones(64, dtype=np.float32))
+    proc = fastface(cli_env, "generate", "--face", str(embedding), "--prompt", "x", "--backbone", "tiny",
+                    "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "128", "64")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--method", "fastest"], ["fastest", "fastface"]),
+        (["--backbone", "hyper-3"], ["hyper-3", "hyper-4"]),
+        (["--adapter", "photomaker2"], ["photomaker2", "faceid"]),
+        (["--alpha", "1,1.5,1"], ["alpha", "3", "4"]),
+        (["--steps", "2", "--beta", "1,2,3,4"], ["beta", "4", "2"]),
+    ],
+)
+def test_bad_configuration(cli_env, tmp_path, args, needles):
+    proc = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "x", "--backbone", "tiny",
+                    "--out", str(tmp_path / "o"), *args)
+    assert_user_error(proc, *needles)
+
+
+def test_missing_weights_offline(cli_env, tmp_path):
+    embedding = tmp_path / "face.npy"
+    np.save(embedding, np.ones(512, dtype=np.float32))
+    env = dict(cli_env, HF_HOME=str(tmp_path / "empty-hf-home"))
+    proc = fastface(env, "generate", "--face", str(embedding), "--prompt", "x", "--backbone", "hyper-4",
+                    "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "offline")
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in proc.stderr or "Hyper-SD" in proc.stderr
+
+
+def test_missing_face_file_and_bad_flag(cli_env, tmp_path):
+    proc = fastface(cli_env, "generate", "--face", str(tmp_path / "nobody.jpg"), "--prompt", "x",
+                    "--backbone", "tiny", "--out", str(tmp_path / "o"))
+    assert_user_error(proc, "nobody.jpg")
+    proc = fastface(cli_env, "generate", "--face", "a.jpg", "--prompt", "x", "--steps", "four", "--out", "o")
+    assert_user_error(proc, "steps")
+
+
+def test_demo_writes_contact_sheet(cli_env, tmp_path):
+    out = tmp_path / "demo"
+    proc = fastface(cli_env, "demo", "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(out) in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    methods = {row["method"] for row in summary["images"]}
+    assert methods == {"fastface", "fastface-softmask", "dcg", "am", "none"}
+    for row in summary["images"]:
+        assert (out / row["path"]).is_file()
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width > 192 * 5
+    assert "contact_sheet.png" in (out / "index.html").read_text()
