@@ -31,7 +31,7 @@ def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: boo
     for adapter in DEMO_ADAPTERS:
         pipe = FastFacePipeline.from_pretrained(backbone="tiny", adapter=adapter, device="cpu")
         for method in METHODS:
-            result = pipe(prompt, face=identity, method=method, seed=seed, progress=progress)
+            result = pipe(prompt, face=identity, method=method, seed=seed, progress=False)
             [path] = write_images(result, out / adapter, stem=method)
             meta = result.metadata[0]
             rows.append({
