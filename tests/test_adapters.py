@@ -17,24 +17,7 @@ from fastface.adapters import (
 from fastface.backbones import load_backbone
 from fastface.errors import ConfigError, InputError, MissingWeightsError
 from fastface.faces.types import Identity
-from fastface.testing import FACEID_FILE, FACEID_PLUS_FILE, tiny_model_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "fastface-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTFACE_CACHE", str(root))
-        yield tiny_model_dir(root)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads; on a busy 2-core machine threads only wait on each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from fastface.testing import FACEID_FILE, FACEID_PLUS_FILE
 
 
 @pytest.fixture(scope="module")

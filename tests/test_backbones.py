@@ -15,15 +15,7 @@ from fastface.backbones import (
     make_scheduler,
 )
 from fastface.errors import ConfigError, InputError, MissingWeightsError
-from fastface.testing import DISTILL_LORA_FILE, tiny_model_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "fastface-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTFACE_CACHE", str(root))
-        yield tiny_model_dir(root)
+from fastface.testing import DISTILL_LORA_FILE
 
 
 def test_registry_matches_the_method_table():

@@ -16,27 +16,11 @@ from fastface.faces.types import Identity
 from fastface.guidance import GuidanceConfig
 from fastface.pipeline import FastFacePipeline
 from fastface.processors import FastFaceIPAttnProcessor, installed
-from fastface.testing import DISTILL_LORA_FILE, FACEID_FILE, FACEID_PLUS_FILE, tiny_model_dir
+from fastface.testing import DISTILL_LORA_FILE, FACEID_FILE, FACEID_PLUS_FILE
 
 PROMPT = "a photo of a person"
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "fastface-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTFACE_CACHE", str(root))
-        yield tiny_model_dir(root)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models are far too small to gain from threads; on a busy 2-core machine several
-    # threads only wait on each other.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from fastface.testing import (
@@ -14,14 +13,6 @@ from fastface.testing import (
     TINY_VERSION,
     tiny_model_dir,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "fastface-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTFACE_CACHE", str(root))
-        yield tiny_model_dir(root)
 
 
 def test_layout_and_reuse(tiny_dir):
