@@ -43,7 +43,7 @@ from .faces.types import Identity
 from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
 from .guidance import combine as combine_branches
 from .presets import DEFAULT_METHOD, get_method, plain_cfg
-from .processors import CONTEXT_KEY, IPContext, install, uninstall
+from .processors import CONTEXT_KEY, IPContext, install, make_am_kernel, uninstall
 
 # Which conditions each branch uses: (text, identity).
 _BRANCH_CONDITIONS = {"null": (False, False), "text": (True, False), "id": (False, True), "full": (True, True)}
@@ -147,6 +147,10 @@ class FastFacePipeline:
         self.adapter = adapter
         self._lora_weights = backbone_lora_weights(backbone, loras)
         self._applied_loras: dict[str, float] | None = None
+        # Weights the LoRAs were merged into the UNet with (None: unfused, set per call).
+        self._fused_loras: dict[str, float] | None = None
+        self._am_kernel_name = "lean"
+        self._am_kernel = make_am_kernel(self._am_kernel_name)
         self._previous_processors = install(sdxl.unet) if adapter is not None else None
         vae = sdxl.vae
         if vae.dtype == torch.float16 and vae.config.force_upcast:
@@ -209,21 +213,68 @@ class FastFacePipeline:
             raise ConfigError(
                 f"no backbone LoRA named {', '.join(sorted(unknown))}; loaded: {', '.join(self._lora_weights) or 'none'}"
             )
+        if self._fused_loras is not None:
+            raise ConfigError("the LoRAs are fused into the UNet at fixed weights; load an unfused pipeline to change them")
         self._lora_weights.update({k: float(v) for k, v in weights.items()})
+
+    @property
+    def am_kernel(self) -> str:
+        """How scale-power AM is computed: "lean" (default), "reference" or "compiled" (see processors)."""
+        return self._am_kernel_name
+
+    def set_am_kernel(self, kind: str) -> None:
+        """Choose the scale-power AM implementation (same results; "compiled" needs torch.compile's backend)."""
+        self._am_kernel = make_am_kernel(kind)
+        self._am_kernel_name = kind
+
+    @property
+    def fused_loras(self) -> dict[str, float] | None:
+        """The LoRA weights merged into the UNet by :meth:`fuse_loras`, or None when unfused."""
+        return None if self._fused_loras is None else dict(self._fused_loras)
+
+    def fuse_loras(self, lora_scale: float = 1.0) -> dict[str, float]:
+        """Merge every LoRA (distillation, styles, the adapter's own) into the UNet weights, once.
+
+        For a pipeline whose LoRA weights stay fixed: each linear layer then costs what the base
+        layer costs (no LoRA matmuls, no PEFT wrapper). All LoRAs are merged together, after all
+        are loaded, at the weights a call would activate (the backbone's, ``lora_scale`` for the
+        adapter's), and the LoRA layers are removed: loading another LoRA afterwards therefore
+        cannot silently drop a fused one (METHOD §4), there is none left to switch. Later calls
+        must use the same ``lora_scale``; :meth:`set_lora_weights` is refused. Returns the fused
+        weights by adapter name.
+        """
+        lora_scale = self._check_number(lora_scale, "lora_scale")
+        if self._fused_loras is not None:
+            raise ConfigError("the LoRAs are already fused")
+        weights = self._active_lora_weights(lora_scale)
+        if weights:
+            self._apply_loras(lora_scale)
+            unet = self.sdxl.unet
+            # fuse_lora merges each adapter with its current scaling (= the weights set above).
+            unet.fuse_lora(lora_scale=1.0, adapter_names=list(weights))
+            unet.unload_lora()
+        self._fused_loras = weights
+        self._applied_loras = dict(weights)
+        return dict(weights)
 
     def unload(self) -> None:
         """Restore the UNet's previous attention processors and drop the adapter and its LoRA."""
+        if self._fused_loras is not None and ID_LORA_ADAPTER in self._fused_loras:
+            raise ConfigError("the adapter's LoRA is fused into the UNet and cannot be removed; reload the backbone")
         if self._previous_processors is not None:
             uninstall(self.sdxl.unet, self._previous_processors)
             self.sdxl.unload_ip_adapter()
             self._previous_processors = None
-        if self.adapter is not None and ID_LORA_ADAPTER in getattr(self.sdxl.unet, "peft_config", {}):
+        if self.adapter is not None and ID_LORA_ADAPTER in (getattr(self.sdxl.unet, "peft_config", None) or {}):
             with warnings.catch_warnings():
                 # PEFT says which adapter it activates instead; the backbone's are re-set below.
                 warnings.filterwarnings("ignore", message=f"Adapter {ID_LORA_ADAPTER} was active")
                 self.sdxl.unet.delete_adapters(ID_LORA_ADAPTER)
         self.adapter = None
         self._applied_loras = None
+        if self._fused_loras is not None:
+            # Merged weights cannot be separated again: the UNet keeps the adapter LoRA's share.
+            return
         if self._lora_weights:
             self.sdxl.set_adapters(list(self._lora_weights), adapter_weights=list(self._lora_weights.values()))
             self._applied_loras = dict(self._lora_weights)
@@ -465,11 +516,22 @@ class FastFacePipeline:
 
     # -- set-up before the loop --------------------------------------------------------------------
 
+    def _active_lora_weights(self, lora_scale: float) -> dict[str, float]:
+        weights = dict(self._lora_weights)
+        if self.adapter is not None and ID_LORA_ADAPTER in (getattr(self.sdxl.unet, "peft_config", None) or {}):
+            weights[ID_LORA_ADAPTER] = lora_scale
+        return weights
+
     def _apply_loras(self, lora_scale: float) -> None:
         """Activate every LoRA at its weight (distillation, styles, the adapter's own)."""
-        weights = dict(self._lora_weights)
-        if self.adapter is not None and ID_LORA_ADAPTER in getattr(self.sdxl.unet, "peft_config", {}):
-            weights[ID_LORA_ADAPTER] = lora_scale
+        if self._fused_loras is not None:
+            fused_scale = self._fused_loras.get(ID_LORA_ADAPTER)
+            if fused_scale is not None and fused_scale != lora_scale:
+                raise ConfigError(
+                    f"the adapter LoRA is fused at lora_scale={fused_scale:g}; this call asks for {lora_scale:g}"
+                )
+            return
+        weights = self._active_lora_weights(lora_scale)
         if weights and weights != self._applied_loras:
             self.sdxl.set_adapters(list(weights), adapter_weights=list(weights.values()))
             self._applied_loras = weights
@@ -584,7 +646,11 @@ class FastFacePipeline:
             states, added, id_tokens = cache[signature]
             kwargs = None
             if id_tokens is not None:
-                kwargs = {CONTEXT_KEY: IPContext(tokens=id_tokens, scale=ip_scale, step=plan.step, attention=am)}
+                kwargs = {
+                    CONTEXT_KEY: IPContext(
+                        tokens=id_tokens, scale=ip_scale, step=plan.step, attention=am, am_kernel=self._am_kernel
+                    )
+                }
             result.append(_StepInputs(plan, branch_rows, len(conditions), states, added, kwargs))
         return result
 
@@ -632,6 +698,12 @@ class FastFacePipeline:
         finally:
             bar.close()
         return latents
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Any]:
+        """Decode final latents (n, 4, h/8, w/8) with the pipeline's VAE to PIL images or arrays ("np")."""
+        if output_type not in ("pil", "np"):
+            raise ConfigError(f"output_type must be 'pil' or 'np' to decode; got {output_type!r}")
+        return self._decode(latents.to(self.device), output_type)
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> list[Any]:
         if output_type == "latent":

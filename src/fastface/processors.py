@@ -9,7 +9,7 @@ per-call state and a call that fails midway leaves nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
-from .attention import AttentionManipulation, manipulated_ip_attention
+from .attention import AttentionManipulation, ScalePowerParams, manipulated_ip_attention
+from .errors import ConfigError
 
 PARTS = ("down", "mid", "up")
 
@@ -34,13 +35,57 @@ class IPContext:
 
     ``tokens`` (B, S, C): identity tokens per sample of the UNet batch (branches × images);
     ``scale``: the adapter scale λ; ``step``: the denoising loop index k (a Python int, never a
-    device value); ``attention``: the attention manipulation, or None.
+    device value); ``attention``: the attention manipulation, or None; ``am_kernel``: a function
+    with the signature of :func:`scale_power_attention` computing scale-power AM on every token
+    (None: :func:`fastface.attention.manipulated_ip_attention`).
     """
 
     tokens: torch.Tensor
     scale: float
     step: int
     attention: AttentionManipulation | None = None
+    # How scale-power AM is computed (see AM_KERNELS); None = the reference implementation.
+    am_kernel: Callable[..., torch.Tensor] | None = None
+
+
+def scale_power_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, power: float, cap: float
+) -> torch.Tensor:
+    """Identity-branch output ``P′ V`` with ``P′ = min(s · P^p, cap)``, ``P = softmax(Q Kᵀ / √d)``.
+
+    query (B, h, L, d), key/value (B, h, S, d) -> (B, h, L, d) in the query's dtype. The same
+    result as :func:`fastface.attention.manipulated_ip_attention` for scale-power on every token,
+    with less work around the small (B, h, L, S) map: ``1/√d`` is folded into the S keys; the
+    map (softmax and power) is float32 as in the reference; the cap is skipped where it cannot
+    bind (P ≤ 1, so s · P^p ≤ s); and the output product runs in the input dtype (accumulating in
+    float32) instead of writing a float32 copy of the (B, h, L, d) output and casting it back.
+    """
+    work = torch.promote_types(query.dtype, torch.float32)
+    keys = key.to(work) * query.shape[-1] ** -0.5
+    probs = torch.matmul(query.to(work), keys.transpose(-1, -2)).softmax(dim=-1)
+    probs = probs.pow_(power).mul_(scale)
+    if scale > cap:
+        probs = probs.clamp_max_(cap)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+# Implementations of scale-power AM a pipeline can choose (``IPContext.am_kernel``).
+AM_KERNELS = ("reference", "lean", "compiled")
+
+
+def make_am_kernel(kind: str) -> Callable[..., torch.Tensor] | None:
+    """The function for ``kind``: None (reference), :func:`scale_power_attention`, or its compiled form.
+
+    ``compiled`` fuses the casts, softmax, power and scale into a few kernels with
+    ``torch.compile`` (CUDA: Triton); compiled once per input shape family on first use.
+    """
+    if kind not in AM_KERNELS:
+        raise ConfigError(f"am kernel must be one of {', '.join(AM_KERNELS)}; got {kind!r}")
+    if kind == "reference":
+        return None
+    if kind == "lean":
+        return scale_power_attention
+    return torch.compile(scale_power_attention, dynamic=True, fullgraph=True)
 
 
 def part_of(name: str) -> str:
@@ -143,7 +188,11 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         ip_value = self.to_v_ip[0](tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         am = context.attention
         if am is not None and am.targets(self.part, context.step):
-            out = manipulated_ip_attention(query, ip_key, ip_value, am, part=self.part, step=context.step)
+            params = am.parts[self.part]
+            if context.am_kernel is not None and isinstance(params, ScalePowerParams) and am.tokens is None:
+                out = context.am_kernel(query, ip_key, ip_value, params.scale, params.power, am.cap)
+            else:
+                out = manipulated_ip_attention(query, ip_key, ip_value, am, part=self.part, step=context.step)
         else:
             out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)

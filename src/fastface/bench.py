@@ -1,0 +1,1168 @@
+"""``fastface bench``: end-to-end speed of the FastFace variants (``benchmarks/speed.py`` calls this).
+
+For one backbone, adapter, resolution and step count it times, per variant, the four stages of a
+generation (identity tokens, prompt encoding, denoising, VAE decode), warm-up excluded, as the
+median over repeats, device-synchronised on GPU. Variants:
+
+- ``none``, ``dcg``, ``am``, ``fastface``, ``fastface-softmask``: the method presets;
+- ``fastface-guided``: ``fastface`` with ``rescale_on="guided"`` (METHOD §2: 8 instead of 10
+  evaluations at 4 steps);
+- ``naive``: what the published research code does: all three branches at every step, the
+  identity projection re-run inside every UNet call, the adapter LoRA unfused;
+- ``fastface-unfused``: ``fastface`` before the LoRAs are fused (the fusion's before/after);
+- ``sdxl``: the multi-step baseline, 30 steps of stock CFG 5 with the same adapter.
+
+Variants are run round-robin (repeat r of every variant before repeat r + 1) so that a machine
+that slows down or speeds up over time biases none of them. The variants that need unfused LoRAs
+run first; then the LoRAs are fused (``--no-fuse`` keeps them unfused) and the others run.
+
+The ``fullsize`` backbone is SDXL's real architecture with random weights
+(:mod:`fastface.flops`/:mod:`fastface.fullsize`): its numbers are valid for timing only, and the
+report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .pipeline import FastFacePipeline
+
+VARIANTS = (
+    "none",
+    "dcg",
+    "am",
+    "fastface",
+    "fastface-guided",
+    "fastface-softmask",
+    "naive",
+    "fastface-unfused",
+    "sdxl",
+)
+DEFAULT_VARIANTS = (
+    "none", "dcg", "am", "fastface", "fastface-guided", "fastface-softmask", "naive", "fastface-unfused", "sdxl",
+)
+# Variants measured while the LoRAs are still unfused.
+UNFUSED_VARIANTS = ("naive", "fastface-unfused")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FULLSIZE = "fullsize"
+PROMPT = "a portrait photo of a person, studio lighting, detailed face"
+STAGES = ("identity", "prompt", "denoise", "decode", "total")
+SPEED_OPTIONS = ("channels-last", "compile")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything one benchmark run depends on."""
+
+    backbone: str = "tiny"
+    adapter: str = "faceid"
+    resolution: int | None = None
+    steps: int | None = None
+    repeats: int = 3
+    warmup: int = 1
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    images: int = 1
+    baseline_steps: int = 30
+    baseline_cfg: float = 5.0
+    fuse: bool = True
+    compile: bool = False
+    compile_mode: str | None = None
+    channels_last: bool = False
+    vae: str = "default"
+    vae_tiling: bool = False
+    gpu: str | None = None
+    sync_check: bool = False
+    like: str = "hyper-4"
+    am_pairs: int = 0
+    am_kernel: str = "lean"
+    compare_options: tuple[str, ...] = ()
+    vae_compare: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ConfigError(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(VARIANTS)}")
+        for name in ("repeats", "images", "baseline_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "am_pairs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
+            raise ConfigError(f"resolution must be a positive multiple of 64, got {self.resolution}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        bad = [o for o in self.compare_options if o not in SPEED_OPTIONS]
+        if bad:
+            raise ConfigError(f"unknown speed option(s) {', '.join(bad)}; choose from: {', '.join(SPEED_OPTIONS)}")
+        if self.vae not in ("default", "fp16-fix", "tiny"):
+            raise ConfigError(f"vae must be default, fp16-fix or tiny; got {self.vae!r}")
+        if not math.isfinite(self.baseline_cfg) or self.baseline_cfg <= 0:
+            raise ConfigError(f"baseline CFG scale must be a positive number, got {self.baseline_cfg}")
+
+
+@dataclass
+class VariantResult:
+    """Timings of one variant: one dict per timed repeat (ms per call), plus what it cost."""
+
+    name: str
+    description: str
+    steps: int = 0
+    evaluations: int = 0
+    images: int = 1
+    repeats: list[dict[str, float]] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    lora_state: str = ""
+    error: str | None = None
+
+    def median(self, stage: str) -> float | None:
+        values = [r[stage] for r in self.repeats if stage in r]
+        return statistics.median(values) if values else None
+
+    def per_image(self, stage: str) -> float | None:
+        value = self.median(stage)
+        return None if value is None else value / self.images
+
+    def per_step(self) -> float | None:
+        value = self.per_image("denoise")
+        return None if value is None or not self.steps else value / self.steps
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ms_per_image"] = {stage: _round(self.per_image(stage)) for stage in STAGES}
+        out["denoise_ms_per_step"] = _round(self.per_step())
+        out["evaluations_per_image"] = self.evaluations
+        return out
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing helpers
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (a no-op on CPU), so that host clocks measure the device."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory since the last reset (CUDA), or the process's peak resident set (CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        # Linux reports kilobytes; macOS bytes.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def psnr(a: Any, b: Any, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 · log10(peak² / mean((a − b)²))`` (inf when equal)."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
+
+
+def deviation(a: Any, b: Any, peak: float | None = None) -> dict[str, float]:
+    """max |a − b|, mean |a − b| and (with ``peak``) the PSNR between two arrays of equal shape."""
+    import numpy as np
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.shape != y.shape:
+        raise ConfigError(f"cannot compare arrays of shapes {x.shape} and {y.shape}")
+    diff = np.abs(x - y)
+    out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+    if peak is not None:
+        out["psnr_db"] = psnr(x, y, peak)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pipeline
+
+
+def _torch_dtype(options: BenchOptions, device: torch.device) -> torch.dtype:
+    import torch
+
+    if options.dtype is not None:
+        return getattr(torch, DTYPES[options.dtype])
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def build_pipeline(options: BenchOptions, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> FastFacePipeline:
+    """The pipeline the benchmark runs: ``fullsize`` (random weights) or a registered backbone."""
+    if options.backbone == FULLSIZE:
+        from .fullsize import build_fullsize_pipeline
+
+        return build_fullsize_pipeline(
+            device, dtype, adapter=options.adapter, like=options.like,
+            vae="sdxl" if options.vae == "default" else options.vae, log=log
+        )
+    from .backbones import BACKBONES
+    from .pipeline import FastFacePipeline
+
+    if options.backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {options.backbone!r}; choose {FULLSIZE} or one of: {', '.join(BACKBONES)}")
+    if options.vae == "tiny":
+        raise ConfigError("--vae tiny is available for the fullsize backbone (no tiny-VAE weights are bundled)")
+    return FastFacePipeline.from_pretrained(options.backbone, options.adapter, device=device, dtype=dtype)
+
+
+def apply_speed_options(pipe: FastFacePipeline, options: BenchOptions) -> list[str]:
+    """channels-last, torch.compile and VAE tiling on the pipeline's modules; returns what was applied."""
+    import torch
+
+    applied = []
+    unet = pipe.sdxl.unet
+    if options.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        pipe.sdxl.vae.to(memory_format=torch.channels_last)
+        applied.append("channels-last")
+    if options.vae_tiling:
+        pipe.sdxl.vae.enable_tiling()
+        applied.append("vae-tiling")
+    if options.compile:
+        # Compiles the UNet's forward in place (the module object stays the same, so the adapter
+        # processors installed on it keep working).
+        unet.compile(fullgraph=False, dynamic=True, mode=options.compile_mode)
+        applied.append("torch.compile(unet)")
+    return applied
+
+
+# ---------------------------------------------------------------------------------------------
+# The face used for timing
+
+
+def timing_identity(pipe: FastFacePipeline, seed: int) -> Any:
+    """A random identity of the adapter's embedding size (and random face crops for FaceID-Plus)."""
+    import numpy as np
+
+    from .faces.types import Identity
+
+    rng = np.random.default_rng(seed)
+    identity = Identity.from_embeddings(rng.standard_normal(pipe.adapter.embedding_dim).astype(np.float32))
+    if pipe.adapter.spec.kind == "faceid-plus":
+        identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    return identity
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """How one variant calls the engine: preset, guidance override, step override, or the naive loop."""
+
+    name: str
+    description: str
+    method: str | None = None
+    guidance: Any = None
+    steps: int | None = None
+    naive: bool = False
+
+
+def variant_specs(options: BenchOptions) -> dict[str, VariantSpec]:
+    from .guidance import GuidanceConfig
+    from .presets import plain_cfg
+
+    return {
+        "none": VariantSpec("none", "adapter plugged in, backbone CFG, no DCG/AM", "none"),
+        "dcg": VariantSpec("dcg", "decoupled guidance only", "dcg"),
+        "am": VariantSpec("am", "attention manipulation only", "am"),
+        "fastface": VariantSpec("fastface", "DCG + AM, rescale_on=all (published)", "fastface"),
+        "fastface-guided": VariantSpec(
+            "fastface-guided", "DCG + AM, rescale_on=guided", "fastface", GuidanceConfig(rescale_on="guided")
+        ),
+        "fastface-softmask": VariantSpec("fastface-softmask", "DCG + softmask AM", "fastface-softmask"),
+        "naive": VariantSpec(
+            "naive", "fastface computed as published: 3 branches/step, tokens per UNet call, LoRA unfused",
+            "fastface", naive=True,
+        ),
+        "fastface-unfused": VariantSpec("fastface-unfused", "fastface before LoRA fusion", "fastface"),
+        "sdxl": VariantSpec(
+            "sdxl", f"multi-step baseline: {options.baseline_steps} steps, CFG {options.baseline_cfg:g}, same adapter",
+            "none", plain_cfg(options.baseline_cfg), options.baseline_steps,
+        ),
+    }
+
+
+def run_engine(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
+               height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+    """One end-to-end call through :class:`FastFacePipeline`; the engine's synchronised stage timings."""
+    result = pipe(
+        [PROMPT] if options.images == 1 else [PROMPT] * options.images,
+        identity,
+        method=spec.method,
+        guidance=spec.guidance,
+        steps=spec.steps or steps,
+        height=height,
+        width=width,
+        seed=seed,
+        output_type="pil",
+        progress=False,
+    )
+    meta = result.metadata[0]
+    timings = {stage: float(meta["timings_ms"][stage]) for stage in STAGES}
+    return timings, int(meta["unet_evaluations"]), result.latents, result.images
+
+
+def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
+              height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+    """FastFace as the published research code computes it, for comparison.
+
+    Every step evaluates ε∅, εI and εTI (one batch of 3 per image), whatever the coefficients;
+    the identity projection runs again for every UNet call (as diffusers' ``encoder_hid_proj``
+    does inside the UNet); the scheduler steps with the device timestep. Same guidance, AM,
+    scheduler and seed as ``fastface``.
+    """
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .guidance import decoupled_guidance, resolve_schedule
+    from .processors import CONTEXT_KEY, IPContext
+
+    if pipe.adapter is None or pipe.adapter.spec.kind != "faceid":
+        raise ConfigError("the naive variant is implemented for the faceid adapter")
+    device, dtype = pipe.device, pipe.dtype
+    sdxl, unet = pipe.sdxl, pipe.sdxl.unet
+    cfg, am = pipe.resolve_method(spec.method or "fastface")
+    # The same LoRAs active as in an engine call (distillation + adapter at weight 1).
+    pipe._apply_loras(1.0)
+    alphas = resolve_schedule(cfg.alpha, steps, peak=1.5, name="alpha")
+    betas = resolve_schedule(cfg.beta, steps, peak=3.0, name="beta")
+    n = options.images
+    start = time.perf_counter()
+    embedding = torch.as_tensor(identity.embedding[None], device=device, dtype=dtype).expand(n, -1)
+    id_embeds = torch.cat([torch.zeros_like(embedding), embedding, embedding])
+    synchronize(device)
+    t_prompt = time.perf_counter()
+    embeds = pipe.encode_prompt([PROMPT] * n)
+    synchronize(device)
+    t_loop = time.perf_counter()
+    with torch.no_grad():
+        text = torch.cat([embeds.null, embeds.null, embeds.cond])
+        pooled = torch.cat([embeds.null_pooled, embeds.null_pooled, embeds.pooled])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(3 * n, -1)
+        scheduler = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+        shape = (n, unet.config.in_channels, height // sdxl.vae_scale_factor, width // sdxl.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+        def naive_denoising_loop(latents: torch.Tensor) -> torch.Tensor:
+            for k, t in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
+                tokens = pipe.adapter.projection(id_embeds)
+                context = IPContext(tokens=tokens, scale=0.8, step=k, attention=am)
+                out = unet(
+                    model_input, t, encoder_hidden_states=text,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                    cross_attention_kwargs={CONTEXT_KEY: context}, return_dict=False,
+                )[0]
+                uncond, id_only, full = out.chunk(3)
+                noise = decoupled_guidance(uncond, id_only, full, alphas[k], betas[k], rescale=cfg.rescale)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            return latents
+
+        latents = naive_denoising_loop(latents)
+    synchronize(device)
+    t_decode = time.perf_counter()
+    images = pipe.decode(latents, "pil")
+    synchronize(device)
+    end = time.perf_counter()
+    timings = {
+        "identity": (t_prompt - start) * 1000,
+        "prompt": (t_loop - t_prompt) * 1000,
+        "denoise": (t_decode - t_loop) * 1000,
+        "decode": (end - t_decode) * 1000,
+        "total": (end - start) * 1000,
+    }
+    return timings, 3 * steps, latents, images
+
+
+def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: int, pairs: int,
+                     seed: int = 0, kernels: Sequence[str] | None = None) -> dict[str, Any]:
+    """What AM adds to one denoising step: the same UNet call timed with and without it.
+
+    The call is a middle step of ``fastface`` (all three branches, one batch of 3). Per round,
+    the call without AM and the call with AM computed by each kernel (processors.AM_KERNELS) run
+    in a rotating order so that drift of a shared machine cancels; the overhead of a kernel is the
+    median over rounds of its time / the time without AM in the same round.
+    """
+    import torch
+
+    from .processors import CONTEXT_KEY, IPContext, make_am_kernel
+
+    if kernels is None:
+        kernels = ("reference", "lean", "compiled") if pipe.device.type == "cuda" else ("reference", "lean")
+    _, am = pipe.resolve_method("fastface")
+    device, dtype = pipe.device, pipe.dtype
+    unet = pipe.sdxl.unet
+    tokens = pipe.encode_identity(identity)
+    embeds = pipe.encode_prompt(PROMPT)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (3, unet.config.in_channels, height // pipe.sdxl.vae_scale_factor, width // pipe.sdxl.vae_scale_factor)
+    sample = torch.randn(shape, generator=generator).to(device, dtype)
+    timestep = torch.tensor(500.0, device=device)
+    text = torch.cat([embeds.null, embeds.null, embeds.cond])
+    added = {
+        "text_embeds": torch.cat([embeds.null_pooled, embeds.null_pooled, embeds.pooled]),
+        "time_ids": torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(3, -1),
+    }
+    ident = torch.cat([tokens.null, tokens.cond, tokens.cond]).to(device, dtype)
+    contexts = {"off": {CONTEXT_KEY: IPContext(tokens=ident, scale=0.8, step=1, attention=None)}}
+    for kind in kernels:
+        contexts[kind] = {CONTEXT_KEY: IPContext(tokens=ident, scale=0.8, step=1, attention=am,
+                                                 am_kernel=make_am_kernel(kind))}
+
+    def timed(name: str) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added,
+                 cross_attention_kwargs=contexts[name], return_dict=False)
+        synchronize(device)
+        return (time.perf_counter() - start) * 1000
+
+    names = list(contexts)
+    usable = []
+    for name in names:  # warm-up (and compilation)
+        try:
+            timed(name)
+            usable.append(name)
+        except Exception as exc:  # e.g. no compiler for torch.compile here
+            contexts.pop(name)
+            if name == "off":
+                raise
+            usable_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            contexts[name] = {"error": usable_error}
+    times: dict[str, list[float]] = {name: [] for name in usable}
+    ratios: dict[str, list[float]] = {name: [] for name in usable if name != "off"}
+    for index in range(pairs):
+        order = usable[index % len(usable):] + usable[: index % len(usable)]
+        round_times = {name: timed(name) for name in order}
+        for name in usable:
+            times[name].append(round_times[name])
+            if name != "off":
+                ratios[name].append(round_times[name] / round_times["off"])
+    out: dict[str, Any] = {"rounds": pairs, "batch": 3, "without_am_ms": round(statistics.median(times["off"]), 3)}
+    for name in kernels:
+        if name not in ratios:
+            out[name] = contexts[name]
+            continue
+        out[name] = {
+            "with_am_ms": round(statistics.median(times[name]), 3),
+            "overhead_percent": round((statistics.median(ratios[name]) - 1.0) * 100, 2),
+            "overhead_percent_of_minima": round((min(times[name]) / min(times["off"]) - 1.0) * 100, 2),
+        }
+    return out
+
+
+def vae_decode_comparison(pipe: FastFacePipeline, latents: Any, repeats: int, device: torch.device,
+                          log: Callable[[str], None]) -> dict[str, Any]:
+    """Decode the same latents with each VAE option of the full-size architecture (random weights).
+
+    ``sdxl`` (upcast to fp32 when the pipeline runs in fp16, as the original VAE needs),
+    ``fp16-fix`` (same architecture, no upcast), ``fp16-fix+tiling`` (tiled decode, for small
+    GPUs) and ``tiny`` (AutoencoderTiny preview). The pipeline's own VAE is put back afterwards.
+    """
+    from .fullsize import build_component
+
+    dtype = pipe.dtype
+    original = pipe.sdxl.vae
+
+    def kl(upcast: bool, tiling: bool = False) -> Any:
+        import torch
+
+        # The original SDXL VAE overflows in float16: the pipeline keeps it in float32 then.
+        vae_dtype = torch.float32 if upcast and dtype == torch.float16 else dtype
+        vae = build_component("vae", device, vae_dtype, seed=11)
+        vae.register_to_config(force_upcast=upcast)
+        if tiling:
+            vae.enable_tiling()
+        return vae
+
+    builders = {
+        "sdxl": lambda: kl(True),
+        "fp16-fix": lambda: kl(False),
+        "fp16-fix+tiling": lambda: kl(False, tiling=True),
+        "tiny": lambda: build_component("vae_tiny", device, dtype, seed=12),
+    }
+    out: dict[str, Any] = {}
+    try:
+        for name, build in builders.items():
+            try:
+                pipe.sdxl.register_modules(vae=build())
+                pipe.decode(latents, "pil")  # warm-up
+                times = []
+                reset_peak_memory(device)
+                for _ in range(repeats):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    pipe.decode(latents, "pil")
+                    synchronize(device)
+                    times.append((time.perf_counter() - start) * 1000)
+                out[name] = {"decode_ms": round(statistics.median(times), 3),
+                             "peak_memory_mb": round(peak_memory_mb(device), 1)}
+            except Exception as exc:  # report the others
+                out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                log(f"VAE {name} failed: {out[name]['error']}")
+    finally:
+        pipe.sdxl.register_modules(vae=original)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-device synchronisation inside the denoising loop
+
+
+def find_loop_syncs(fn: Callable[[], Any], loop_functions: Sequence[str] = ("_denoise",)) -> dict[str, Any]:
+    """Run ``fn`` with CUDA's sync debug mode and attribute every synchronisation to its caller.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports each synchronising operation as a warning;
+    the Python stack at that moment says whether it happened inside the denoising loop (a frame
+    of one of ``loop_functions``) or outside it (set-up, timing, decoding). Then a second pass
+    with mode ``"error"`` must be unnecessary: the loop is sync-free iff ``in_loop`` is empty.
+    """
+    import torch
+
+    found: list[list[str]] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings API
+        if "called a synchronizing" in str(message):
+            stack = traceback.extract_stack()[:-1]
+            found.append([f"{f.name} ({Path(f.filename).name}:{f.lineno})" for f in stack])
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    in_loop = [s for s in found if any(frame.split(" ")[0] in loop_functions for frame in s)]
+    return {
+        "total_syncs": len(found),
+        "in_loop": len(in_loop),
+        "in_loop_sites": sorted({" <- ".join(reversed(s[-4:])) for s in in_loop}),
+        "outside_loop_sites": sorted({" <- ".join(reversed(s[-3:])) for s in found if s not in in_loop})[:20],
+    }
+
+
+def error_mode_loop_check(pipe: FastFacePipeline, identity: Any, steps: int, height: int, width: int) -> str:
+    """Denoising steps 1…N−1 under ``set_sync_debug_mode("error")`` (set from the step callback).
+
+    The callback after step 0 switches the mode on and the one after the last step off, so the
+    set-up before the loop (which may copy to the host on purpose) is outside; step 0 is covered
+    by :func:`find_loop_syncs`. Returns "ok" or the error.
+    """
+    import torch
+
+    def callback(k: int, _latents: Any) -> None:
+        torch.cuda.set_sync_debug_mode("error" if k < steps - 1 else "default")
+
+    try:
+        pipe(PROMPT, identity, method="fastface", steps=steps, height=height, width=width,
+             output_type="latent", progress=False, callback=callback)
+        return "ok"
+    except RuntimeError as exc:
+        return f"sync in loop: {str(exc).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    else:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+            if names:
+                info["cpu"] = names[0]
+        except OSError:
+            pass
+    return info
+
+
+def run_benchmark(
+    options: BenchOptions,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every requested variant; returns the report (see :func:`format_markdown`).
+
+    ``checkpoint(report)`` receives the report measured so far before the (slow) speed-option
+    stages start, so that a run stopped during compilation still leaves its table.
+    """
+    import torch
+
+    from .backbones import default_device
+
+    device = torch.device(options.device) if options.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA device is available")
+    dtype = _torch_dtype(options, device)
+    random_weights = options.backbone in (FULLSIZE, "tiny")
+    if options.backbone == FULLSIZE:
+        from .fullsize import RANDOM_WEIGHTS_BANNER
+
+        log(RANDOM_WEIGHTS_BANNER)
+    elif options.backbone == "tiny":
+        log("RANDOM WEIGHTS: tiny test backbone; valid for counting and relative overhead only.")
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(options, device, dtype, log)
+    pipe.set_am_kernel(options.am_kernel)
+    load_s = time.perf_counter() - t0
+    log(f"pipeline ready in {load_s:.1f} s on {device} ({str(dtype).removeprefix('torch.')})")
+    steps = options.steps or pipe.backbone.steps
+    height = width = options.resolution or pipe.backbone.resolution
+    identity = timing_identity(pipe, options.seed)
+    specs = variant_specs(options)
+    results: dict[str, VariantResult] = {}
+    outputs: dict[str, tuple[Any, list[Any]]] = {}
+
+    def one_call(row: str, name: str, warm: bool) -> None:
+        spec = specs[name]
+        run = run_naive if spec.naive else run_engine
+        call_steps = spec.steps or steps
+        if warm and spec.steps is not None:
+            # Warm-up of the long baseline: a few steps run the same kernels as all 30.
+            spec = VariantSpec(spec.name, spec.description, spec.method, spec.guidance, min(spec.steps, 3), spec.naive)
+        reset_peak_memory(device)
+        timings, evaluations, latents, images = run(pipe, spec, identity, options, spec.steps or steps, height, width,
+                                                    options.seed)
+        if warm:
+            return
+        result = results[row]
+        result.repeats.append({k: round(v, 3) for k, v in timings.items()})
+        result.evaluations = evaluations
+        result.steps = call_steps
+        result.peak_memory_mb = max(result.peak_memory_mb or 0.0, peak_memory_mb(device))
+        outputs[row] = (latents, images)
+
+    def run_group(names: list[str], state: str, suffix: str = "") -> None:
+        """Warm-up and timed repeats of ``names``, round-robin; rows are named ``name + suffix``."""
+        if not names:
+            return
+        for name in names:
+            results[name + suffix] = VariantResult(name + suffix, specs[name].description, images=options.images,
+                                                   lora_state=state)
+        total = len(names) * (options.warmup + options.repeats)
+        bar = _progress(total, options.progress, f"bench {state}{suffix}")
+        alive = list(names)
+        for round_index in range(options.warmup + options.repeats):
+            warm = round_index < options.warmup
+            for name in list(alive):
+                try:
+                    one_call(name + suffix, name, warm)
+                except Exception as exc:  # one broken variant must not lose the others
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    results[name + suffix].error = error
+                    log(f"variant {name + suffix} failed: {error}")
+                    alive.remove(name)
+                bar(f"{name}{suffix} {'warm-up' if warm else f'repeat {round_index - options.warmup + 1}'}")
+
+    first = [n for n in options.variants if n in UNFUSED_VARIANTS] if options.fuse else []
+    rest = [n for n in options.variants if n not in first]
+    run_group(first, "unfused")
+    fused = False
+    if options.fuse and rest:
+        try:
+            pipe.fuse_loras()
+            fused = True
+        except Exception as exc:  # the rest still runs, unfused
+            log(f"LoRA fusion failed ({type(exc).__name__}: {exc}); running unfused")
+    state = "fused" if fused else "unfused"
+    applied = apply_speed_options(pipe, options)
+    run_group(rest, state)
+    extras: dict[str, Any] = {}
+    if options.am_pairs:
+        try:
+            extras["paired_unet_call"] = am_step_overhead(pipe, identity, height, width, options.am_pairs, options.seed)
+        except Exception as exc:  # the rest of the report stands without it
+            extras["paired_unet_call"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if options.sync_check:
+        extras["sync_check"] = _sync_check(pipe, identity, options, steps, height, width, device)
+    if options.vae_compare:
+        if options.backbone != FULLSIZE or not outputs:
+            extras["vae_decode"] = {"skipped": "needs the fullsize backbone and one successful variant"}
+        else:
+            latents = next(iter(outputs.values()))[0]
+            extras["vae_decode"] = vae_decode_comparison(pipe, latents, options.repeats, device, log)
+
+    def report() -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "banner": _banner(options),
+            "random_weights": random_weights,
+            "machine": machine_description(device),
+            "options": asdict(options),
+            "dtype": str(dtype).removeprefix("torch."),
+            "height": height,
+            "width": width,
+            "steps": steps,
+            "load_seconds": round(load_s, 2),
+            "speed_options": list(applied),
+            "results": {name: r.summary() for name, r in results.items()},
+            "ratios_vs_none": _ratios(results),
+            "am_overhead": _am_overhead(results),
+            "rescale_deviation": _rescale_deviation(outputs),
+            "floor": _floor(options, device, results, height, width),
+        }
+        if "paired_unet_call" in extras:
+            out["am_overhead"]["paired_unet_call"] = extras["paired_unet_call"]
+        for key in ("sync_check", "vae_decode"):
+            if key in extras:
+                out[key] = extras[key]
+        return out
+
+    if options.compare_options:
+        if checkpoint is not None:
+            checkpoint(report())  # compiling can take minutes: keep what is measured so far
+        # The same process and weights, one option more per stage: the gain of each option.
+        suffix = ""
+        for label in options.compare_options:
+            try:
+                apply_speed_options(pipe, BenchOptions(channels_last=label == "channels-last",
+                                                       compile=label == "compile", compile_mode=options.compile_mode))
+            except Exception as exc:
+                log(f"speed option {label} failed: {type(exc).__name__}: {exc}")
+                break
+            suffix += f"+{label}"
+            applied.append(label)
+            for name in [n for n in options.variants if n not in (*UNFUSED_VARIANTS, "sdxl")]:
+                run_group([name], state, suffix)
+                if checkpoint is not None:
+                    checkpoint(report())
+    return report()
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Callable[[str], None]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr)
+
+    def advance(postfix: str) -> None:
+        bar.set_postfix_str(postfix)
+        bar.update()
+        if bar.n >= total:
+            bar.close()
+
+    return advance
+
+
+def _banner(options: BenchOptions) -> str:
+    if options.backbone == FULLSIZE:
+        from .fullsize import RANDOM_WEIGHTS_BANNER
+
+        return RANDOM_WEIGHTS_BANNER
+    if options.backbone == "tiny":
+        return "RANDOM WEIGHTS: tiny test backbone; absolute times say nothing about SDXL."
+    return f"real weights: backbone {options.backbone}, adapter {options.adapter}"
+
+
+def _ratios(results: dict[str, VariantResult]) -> dict[str, float | None]:
+    base = results.get("none")
+    reference = base.per_image("total") if base is not None else None
+    out: dict[str, float | None] = {}
+    for name, result in results.items():
+        value = result.per_image("total")
+        out[name] = None if not reference or value is None else round(value / reference, 3)
+    return out
+
+
+def _am_overhead(results: dict[str, VariantResult]) -> dict[str, Any]:
+    """Denoising time per step with AM over the same configuration without it (same evaluations).
+
+    Rows with speed-option suffixes (``fastface+compile`` vs ``dcg+compile``) are compared too.
+    """
+    out: dict[str, Any] = {}
+    suffixes = sorted({name[len("fastface"):] for name in results if name.startswith("fastface+")})
+    pairs = [(f"{a}{suffix}", f"{b}{suffix}") for suffix in ["", *suffixes] for a, b in (("fastface", "dcg"), ("am", "none"))]
+    for with_am, without in pairs:
+        a, b = results.get(with_am), results.get(without)
+        if a is None or b is None or a.per_step() is None or b.per_step() is None:
+            continue
+        out[f"{with_am}_vs_{without}"] = {
+            f"{with_am}_ms_per_step": _round(a.per_step()),
+            f"{without}_ms_per_step": _round(b.per_step()),
+            "overhead_percent": round((a.per_step() / b.per_step() - 1.0) * 100, 2),
+            "same_evaluations": a.evaluations == b.evaluations,
+        }
+    return out
+
+
+def _rescale_deviation(outputs: dict[str, tuple[Any, list[Any]]]) -> dict[str, Any] | None:
+    """How far rescale_on="guided" moves the output from "all" (same seed)."""
+    if "fastface" not in outputs or "fastface-guided" not in outputs:
+        return None
+    import numpy as np
+
+    (lat_all, img_all), (lat_guided, img_guided) = outputs["fastface"], outputs["fastface-guided"]
+    out: dict[str, Any] = {"latents": deviation(lat_all.float().cpu().numpy(), lat_guided.float().cpu().numpy())}
+    if img_all and img_guided:
+        a = np.stack([np.asarray(im) for im in img_all])
+        b = np.stack([np.asarray(im) for im in img_guided])
+        out["images_uint8"] = deviation(a, b, peak=255.0)
+    return out
+
+
+def _floor(options: BenchOptions, device: torch.device, results: dict[str, VariantResult], height: int,
+           width: int) -> dict[str, Any] | None:
+    """Compute-bound floor per image from the real SDXL FLOP counts, and measured / floor."""
+    if options.backbone == "tiny":
+        return None
+    import torch
+
+    from .flops import get_gpu, guess_gpu, sdxl_budget
+
+    budget = sdxl_budget(height, width, vae="vae_tiny" if options.vae == "tiny" else "vae")
+    measured_on = None
+    if device.type == "cuda":
+        measured_on = guess_gpu(torch.cuda.get_device_name(device))
+    key = options.gpu or measured_on or "h200"
+    gpu = get_gpu(key)
+    per_variant = {}
+    for name, result in results.items():
+        if not result.evaluations:
+            continue
+        flops = budget.per_image(result.evaluations)
+        floor = flops / (gpu.bf16_tflops * 1e12) * 1e3
+        total = result.per_image("total")
+        row: dict[str, Any] = {"tflop_per_image": round(flops / 1e12, 3), "floor_ms": round(floor, 2)}
+        if total:
+            row["achieved_tflops"] = round(flops / (total / 1e3) / 1e12, 3)
+            row["measured_over_floor"] = round(total / floor, 2) if key == measured_on else None
+        per_variant[name] = row
+    return {
+        "gpu": key,
+        "gpu_name": gpu.name,
+        "peak_bf16_tflops": gpu.bf16_tflops,
+        "measured_on_this_gpu": key == measured_on,
+        "budget_tflop": {k: (round(v / 1e12, 4) if isinstance(v, int) and k not in ("height", "width") else v)
+                         for k, v in budget.to_dict().items()},
+        "per_variant": per_variant,
+    }
+
+
+def _sync_check(pipe: FastFacePipeline, identity: Any, options: BenchOptions, steps: int, height: int, width: int,
+                device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {"skipped": "CUDA only (CPU tensors never synchronise)"}
+    check: dict[str, Any] = {}
+    specs = variant_specs(options)
+    for name in ("fastface", "fastface-softmask", "sdxl"):
+        spec = specs[name]
+        if spec.steps is not None:
+            spec = VariantSpec(spec.name, spec.description, spec.method, spec.guidance, 4, spec.naive)
+        check[name] = find_loop_syncs(
+            lambda s=spec: run_engine(pipe, s, identity, options, s.steps or steps, height, width, options.seed)
+        )
+    if "naive" in options.variants and pipe.adapter is not None and pipe.adapter.spec.kind == "faceid":
+        check["naive"] = find_loop_syncs(
+            lambda: run_naive(pipe, specs["naive"], identity, options, steps, height, width, options.seed),
+            loop_functions=("naive_denoising_loop",),
+        )
+    check["error_mode_fastface"] = error_mode_loop_check(pipe, identity, steps, height, width)
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: banner, machine, the timing table, AM overhead, rescale deviation, floor."""
+    machine = report["machine"]
+    where = machine.get("gpu") or machine.get("cpu")
+    lines = [
+        f"> {report['banner']}",
+        "",
+        f"Backbone `{report['options']['backbone']}`, adapter `{report['options']['adapter']}`, "
+        f"{report['width']}x{report['height']}, {report['steps']} steps, {report['dtype']}, "
+        f"{report['options']['repeats']} repeat(s) (median, {report['options']['warmup']} warm-up), "
+        f"on {where} ({machine['device']}, torch {machine['torch']}, {machine.get('torch_threads')} threads)"
+        + (f"; speed options: {', '.join(report['speed_options'])}" if report["speed_options"] else ""),
+        "",
+        "| variant | LoRA | steps | UNet evals | identity ms | prompt ms | denoise ms | decode ms | total ms/image "
+        "| vs none | ms/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in report["results"].items():
+        ms = row["ms_per_image"]
+        if row["error"]:
+            lines.append(f"| {name} | {row['lora_state']} | – | – | failed: {row['error']} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | {_fmt(ms['identity'])} | "
+            f"{_fmt(ms['prompt'])} | {_fmt(ms['denoise'])} | {_fmt(ms['decode'])} | {_fmt(ms['total'])} | "
+            f"{_fmt(report['ratios_vs_none'].get(name), 2)} | {_fmt(row['denoise_ms_per_step'])} | "
+            f"{_fmt(row['peak_memory_mb'], 0)} |"
+        )
+    if report.get("am_overhead"):
+        lines.append("")
+        for key, row in report["am_overhead"].items():
+            if key == "paired_unet_call":
+                if "error" in row:
+                    lines.append(f"AM overhead of one UNet call: failed: {row['error']}")
+                    continue
+                lines.append(f"AM overhead of one UNet call (batch of 3 branches, {row['rounds']} rotating rounds, "
+                             f"{row['without_am_ms']:.1f} ms without AM), per AM kernel:")
+                for name, cell in row.items():
+                    if not isinstance(cell, dict):
+                        continue
+                    lines.append(
+                        f"- {name}: " + (f"failed: {cell['error']}" if "error" in cell else
+                                         f"{cell['overhead_percent']:+.2f} % (median of ratios; "
+                                         f"{cell['overhead_percent_of_minima']:+.2f} % of minima; "
+                                         f"{cell['with_am_ms']:.1f} ms)")
+                    )
+                continue
+            with_am, without = key.split("_vs_")
+            lines.append(
+                f"AM overhead per denoising step, {with_am} vs {without}: {row['overhead_percent']:+.2f} % "
+                f"({row[f'{with_am}_ms_per_step']:.1f} vs {row[f'{without}_ms_per_step']:.1f} ms/step)"
+            )
+    deviation_report = report.get("rescale_deviation")
+    if deviation_report:
+        lat = deviation_report["latents"]
+        text = f"rescale_on guided vs all (same seed): latents max |Δ| {lat['max_abs']:.4g}, mean |Δ| {lat['mean_abs']:.4g}"
+        if "images_uint8" in deviation_report:
+            img = deviation_report["images_uint8"]
+            text += (f"; decoded images max |Δ| {img['max_abs']:.0f}/255, mean |Δ| {img['mean_abs']:.2f}/255, "
+                     f"PSNR {img['psnr_db']:.1f} dB")
+        lines += ["", text]
+    floor = report.get("floor")
+    if floor:
+        budget = floor["budget_tflop"]
+        lines += [
+            "",
+            f"Floor on {floor['gpu_name']} (dense bf16 peak {floor['peak_bf16_tflops']:g} TFLOP/s): UNet "
+            f"{budget['unet_per_evaluation']:.3f} TFLOP per sample-evaluation (+{budget['identity_branch_per_evaluation']:.4f} "
+            f"identity branch), VAE decode {budget['vae_decode']:.3f} TFLOP, text encoders {budget['text_encoders']:.3f} TFLOP.",
+            "",
+            "| variant | TFLOP/image | floor ms | achieved TFLOP/s | measured / floor |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in floor["per_variant"].items():
+            lines.append(
+                f"| {name} | {row['tflop_per_image']:.2f} | {row['floor_ms']:.1f} | {_fmt(row.get('achieved_tflops'), 2)} | "
+                f"{_fmt(row.get('measured_over_floor'), 2) if floor['measured_on_this_gpu'] else 'n/a (other device)'} |"
+            )
+    vae_rows = report.get("vae_decode")
+    if vae_rows and "skipped" not in vae_rows:
+        lines += ["", "| VAE option | decode ms (same latents) | peak MiB |", "|---|---|---|"]
+        for name, row in vae_rows.items():
+            if "error" in row:
+                lines.append(f"| {name} | failed: {row['error']} | |")
+            else:
+                lines.append(f"| {name} | {row['decode_ms']:.1f} | {row['peak_memory_mb']:.0f} |")
+    sync = report.get("sync_check")
+    if sync:
+        lines += ["", "Host-device syncs inside the denoising loop (CUDA sync debug mode):"]
+        for name, row in sync.items():
+            if isinstance(row, dict) and "in_loop" in row:
+                lines.append(f"- {name}: {row['in_loop']} in the loop ({row['total_syncs']} in the whole call)")
+            else:
+                lines.append(f"- {name}: {row}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="tiny",
+                        help="backbone name, or 'fullsize' (SDXL architecture, random weights)")
+    parser.add_argument("--adapter", default="faceid", help="identity adapter")
+    parser.add_argument("--like", default="hyper-4",
+                        help="fullsize only: the backbone whose scheduler, steps and LoRA it mimics")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (backbone default)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (backbone default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per variant")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=1, help="images per call (batch)")
+    parser.add_argument("--baseline-steps", type=int, default=30)
+    parser.add_argument("--baseline-cfg", type=float, default=5.0)
+    parser.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep every LoRA unfused")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (after fusion)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--vae", default="default", choices=("default", "fp16-fix", "tiny"),
+                        help="fullsize: the SDXL VAE, its fp16-safe variant, or the tiny preview autoencoder")
+    parser.add_argument("--vae-tiling", action="store_true")
+    parser.add_argument("--gpu", default=None, help="GPU of the floor table (default: the device's, else h200)")
+    parser.add_argument("--sync-check", action="store_true", help="CUDA: look for host-device syncs in the loop")
+    parser.add_argument("--am-pairs", type=int, default=0, metavar="N",
+                        help="also time N paired UNet calls with/without AM (the AM overhead per step)")
+    parser.add_argument("--am-kernel", default="lean", choices=("reference", "lean", "compiled"),
+                        help="implementation of scale-power AM used in the table")
+    parser.add_argument("--compare-options", default="", metavar="LIST",
+                        help=f"after the table, re-time none/fastface adding each of these in turn: {','.join(SPEED_OPTIONS)}")
+    parser.add_argument("--vae-compare", action="store_true",
+                        help="time the decode of the same latents with each VAE option (fullsize)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the report here")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write the markdown table here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    variants = tuple(v.strip() for v in str(args.variants).split(",") if v.strip())
+    return BenchOptions(
+        backbone=args.backbone, adapter=args.adapter, resolution=args.resolution, steps=args.steps,
+        repeats=args.repeats, warmup=args.warmup, variants=variants, device=args.device, dtype=args.dtype,
+        seed=args.seed, images=args.images, baseline_steps=args.baseline_steps, baseline_cfg=args.baseline_cfg,
+        fuse=args.fuse, compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last, vae=args.vae,
+        vae_tiling=args.vae_tiling, gpu=args.gpu, sync_check=args.sync_check, like=args.like,
+        am_pairs=args.am_pairs, am_kernel=args.am_kernel, compare_options=tuple(o.strip() for o in args.compare_options.split(",") if o.strip()), vae_compare=args.vae_compare,
+        progress=args.progress,
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ConfigError(f"threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if options.gpu is not None:
+        from .flops import get_gpu
+
+        get_gpu(options.gpu)  # a bad name fails before any model is built
+
+    def save(report: dict[str, Any]) -> str:
+        markdown = format_markdown(report)
+        if args.json_path:
+            _write(Path(args.json_path), json.dumps(_json_ready(report), indent=2, allow_nan=False) + "\n")
+        if args.markdown:
+            _write(Path(args.markdown), markdown)
+        return markdown
+
+    report = run_benchmark(options, log=lambda line: print(line, flush=True), checkpoint=save)
+    print(save(report), flush=True)
+    return 0
+
+
+def _json_ready(value: Any) -> Any:
+    """Strict JSON: non-finite floats become strings, unknown objects their ``str``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="time the FastFace variants end to end (see benchmarks/RESULTS.md)")
+    add_arguments(parser)
+    parser.set_defaults(func=run_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of ``benchmarks/speed.py``: the same parser and errors as ``fastface bench``."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(argv if argv is not None else sys.argv[1:])])
