@@ -363,6 +363,134 @@ def load_backbone(
     return pipe
 
 
+# --------------------------------------------------------------------------- replacement VAEs
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """A named replacement for the backbone's own VAE (same SDXL latent space)."""
+
+    name: str
+    repo: str
+    licence: str
+    description: str
+    fp16_safe: bool  # decodes in float16 without overflow: never cast up to float32
+
+
+VAES: Mapping[str, VaeSpec] = MappingProxyType(
+    {
+        "fp16-fix": VaeSpec(
+            name="fp16-fix",
+            repo="madebyollin/sdxl-vae-fp16-fix",
+            licence="SDXL-VAE-FP16-Fix: MIT (madebyollin/sdxl-vae-fp16-fix)",
+            description="the SDXL VAE fine-tuned to decode in float16 (no float32 copy, ~same images)",
+            fp16_safe=True,
+        ),
+        "tiny": VaeSpec(
+            name="tiny",
+            repo="madebyollin/taesdxl",
+            licence="TAESDXL: MIT (madebyollin/taesdxl)",
+            description="tiny SDXL autoencoder (AutoencoderTiny): a fast, approximate preview decoder",
+            fp16_safe=True,
+        ),
+    }
+)
+VAE_DEFAULT = "default"
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+_VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+@dataclass(frozen=True)
+class VaeChoice:
+    """Where a replacement VAE lives and which diffusers class reads it (nothing loaded yet)."""
+
+    name: str  # "fp16-fix", "tiny", or the folder / hub id as given
+    source: str  # hub id or local path the files come from
+    folder: Path
+    class_name: str  # one of VAE_CLASSES
+    licence: str
+    fp16_safe: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "class": self.class_name}
+
+
+def resolve_vae(vae: str | os.PathLike) -> VaeChoice:
+    """Find a replacement VAE: ``fp16-fix``, ``tiny``, a local diffusers VAE folder or a hub id.
+
+    Only the configuration is read (so a wrong choice fails before the backbone loads); the class
+    (AutoencoderKL or AutoencoderTiny) comes from the folder's ``config.json``. A full pipeline
+    folder is accepted too: its ``vae/`` subfolder is used.
+    """
+    import json
+
+    if not isinstance(vae, (str, os.PathLike)):
+        raise ConfigError(f"vae must be a name ({', '.join(VAES)}), a folder or a hub id; got {vae!r}")
+    name = os.fspath(vae)
+    spec = VAES.get(name)
+    source = spec.repo if spec is not None else name
+    local = Path(source).expanduser()
+    if spec is None and not local.exists() and name.count("/") != 1:
+        raise ConfigError(
+            f"vae must be {VAE_DEFAULT}, {', '.join(VAES)}, a diffusers VAE folder or a hub id; "
+            f"'{name}' is none of these"
+        )
+    folder = resolve_folder(
+        source,
+        what=f"VAE '{name}'",
+        hint=f"download it on a connected machine (huggingface-cli download {source}) "
+        "or pass vae=<local diffusers VAE folder> (--vae PATH)",
+        allow_patterns=_VAE_FILES,
+    )
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingWeightsError(f"VAE '{name}': '{folder}' has no config.json (not a diffusers VAE folder)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"VAE '{name}': cannot read '{config_path}' ({exc})") from exc
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name not in VAE_CLASSES:
+        raise InputError(
+            f"VAE '{name}': '{config_path}' describes {class_name!r}; expected one of {', '.join(VAE_CLASSES)}"
+        )
+    return VaeChoice(
+        name=name,
+        source=source if spec is not None else str(local if local.exists() else source),
+        folder=folder,
+        class_name=class_name,
+        licence=spec.licence if spec is not None else f"see the licence of the VAE '{source}'",
+        fp16_safe=spec.fp16_safe if spec is not None else class_name == "AutoencoderTiny",
+    )
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """How many pixels one latent covers along each side, from the VAE's configuration."""
+    config = vae.config
+    if hasattr(config, "block_out_channels"):
+        return 2 ** (len(config.block_out_channels) - 1)
+    # AutoencoderTiny: every decoder block but the last upsamples.
+    return int(config.upsampling_scaling_factor) ** (len(config.num_decoder_blocks) - 1)
+
+
+def load_vae(choice: VaeChoice, dtype: torch.dtype) -> Any:
+    """The VAE of ``choice`` on the CPU in ``dtype`` (eval mode)."""
+    import diffusers
+
+    cls = getattr(diffusers, choice.class_name)
+    try:
+        vae = cls.from_pretrained(choice.folder, **_dtype_kwarg(dtype))
+    except (OSError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise MissingWeightsError(f"VAE '{choice.name}': cannot load '{choice.folder}' ({first_line})") from exc
+    if choice.fp16_safe and getattr(vae.config, "force_upcast", False):
+        # Its weights were fine-tuned for float16; an upcast would only cost memory.
+        vae.register_to_config(force_upcast=False)
+    return vae.eval()
+
+
 def backbone_lora_weights(spec: BackboneSpec, loras: Sequence[Any] = ()) -> dict[str, float]:
     """PEFT adapter name -> weight for the LoRAs :func:`load_backbone` loads (all stay active)."""
     weights = {DISTILL_ADAPTER: 1.0} if spec.lora is not None else {}

@@ -70,6 +70,15 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="extra style LoRA with optional weight; repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    # Memory options for small GPUs.
+    parser.add_argument("--vae", default="default", metavar="{default,fp16-fix,tiny,PATH}",
+                        help="VAE: the backbone's (default), fp16-fix (madebyollin/sdxl-vae-fp16-fix: float16, "
+                             "less memory), tiny (madebyollin/taesdxl: fast preview decoder), or a local "
+                             "diffusers VAE folder")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode in tiles: VAE memory independent of the image size")
+    parser.add_argument("--cpu-offload", action="store_true",
+                        help="keep models on the CPU, each moved to the GPU only while it runs (CUDA only; slower)")
 
 
 # --------------------------------------------------------------------------- resolution
@@ -219,6 +228,10 @@ def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
         loras=config["loras"],
         device=device,
         dtype=dtype,
+        # Read with defaults: callers may build the namespace themselves (eval run's RunConfig).
+        vae=getattr(args, "vae", None),
+        vae_tiling=bool(getattr(args, "vae_tiling", False)),
+        cpu_offload=bool(getattr(args, "cpu_offload", False)),
     )
 
 

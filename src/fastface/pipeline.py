@@ -31,12 +31,17 @@ from . import __version__
 from .adapters import ID_LORA_ADAPTER, IdentityTokens, LoadedAdapter, load_adapter
 from .attention import AttentionManipulation
 from .backbones import (
+    VAE_DEFAULT,
     BackboneSpec,
+    VaeChoice,
     backbone_lora_weights,
     default_device,
     default_dtype,
     get_backbone,
     load_backbone,
+    load_vae,
+    resolve_vae,
+    vae_scale_factor,
 )
 from .errors import ConfigError, InputError
 from .faces.types import Identity
@@ -132,6 +137,24 @@ def _as_list(value: str | Sequence[str], what: str) -> list[str]:
     raise ConfigError(f"{what} must be a string or a non-empty list of strings, got {value!r}")
 
 
+def replace_vae(sdxl: Any, vae: Any, name: str = "replacement") -> None:
+    """Put ``vae`` in place of ``sdxl``'s VAE, after checking that it reads the same latents.
+
+    The SDXL pipeline derives its pixel/latent scale from the VAE it was built with; a replacement
+    (AutoencoderTiny has no ``block_out_channels`` to derive it from) must match that scale and
+    the UNet's latent channels.
+    """
+    channels = sdxl.unet.config.in_channels
+    if vae.config.latent_channels != channels:
+        raise InputError(
+            f"VAE '{name}' has {vae.config.latent_channels} latent channels; this backbone's UNet uses {channels}"
+        )
+    scale = vae_scale_factor(vae)
+    if scale != sdxl.vae_scale_factor:
+        raise InputError(f"VAE '{name}' maps 1 latent to {scale} px; this backbone needs {sdxl.vae_scale_factor}")
+    sdxl.register_modules(vae=vae)
+
+
 class FastFacePipeline:
     """Identity-preserving text-to-image on an SDXL backbone with an IP-Adapter FaceID adapter."""
 
@@ -141,10 +164,16 @@ class FastFacePipeline:
         backbone: BackboneSpec,
         adapter: LoadedAdapter | None = None,
         loras: Sequence[Any] = (),
+        *,
+        vae: VaeChoice | None = None,
     ) -> None:
+        """Wrap a loaded SDXL pipeline; ``vae`` describes a replacement VAE already in ``sdxl``."""
         self.sdxl = sdxl
         self.backbone = backbone
         self.adapter = adapter
+        self._vae_choice = vae
+        # The accelerator the offloaded models run on (None: no CPU offload).
+        self._offload_device: torch.device | None = None
         self._lora_weights = backbone_lora_weights(backbone, loras)
         self._applied_loras: dict[str, float] | None = None
         # Weights the LoRAs were merged into the UNet with (None: unfused, set per call).
@@ -153,7 +182,8 @@ class FastFacePipeline:
         self._am_kernel = make_am_kernel(self._am_kernel_name)
         self._previous_processors = install(sdxl.unet) if adapter is not None else None
         vae = sdxl.vae
-        if vae.dtype == torch.float16 and vae.config.force_upcast:
+        # AutoencoderTiny and the fp16-fix VAE say force_upcast=False (or nothing): they stay in float16.
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             # The SDXL VAE overflows in float16. diffusers casts it up and back down around every
             # decode; keeping it in float32 once costs ~160 MB and leaves no cast inside calls.
             vae.to(torch.float32)
@@ -172,11 +202,23 @@ class FastFacePipeline:
         loras: Sequence[Any] = (),
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        vae: str | os.PathLike | None = None,
+        vae_tiling: bool = False,
+        cpu_offload: bool = False,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
 
         ``base_model``/``adapter_path``/``image_encoder`` replace the hub defaults with local paths;
         ``loras`` are extra style LoRAs, paths or (path, weight) pairs.
+
+        Memory options (for small GPUs): ``vae`` replaces the backbone's VAE with ``"fp16-fix"``
+        (madebyollin/sdxl-vae-fp16-fix: decodes in float16, no float32 copy), ``"tiny"``
+        (madebyollin/taesdxl, AutoencoderTiny: a fast preview decoder) or a local diffusers VAE
+        folder / hub id (AutoencoderKL or AutoencoderTiny, read from its config); None or
+        ``"default"`` keeps the backbone's. ``vae_tiling`` decodes in overlapping tiles (peak
+        memory independent of the image size; no effect on images smaller than one tile).
+        ``cpu_offload`` keeps every model on the CPU and moves each to ``device`` (a CUDA device)
+        only while it runs (diffusers' model CPU offload): slower, far less GPU memory.
         """
         spec = get_backbone(backbone)
         if adapter is not None:
@@ -184,18 +226,83 @@ class FastFacePipeline:
 
             get_adapter(adapter)  # fail on a bad name before loading gigabytes
         device = torch.device(device) if device is not None else default_device()
+        if cpu_offload and device.type != "cuda":
+            raise ConfigError(f"cpu_offload needs a CUDA device (the pipeline's device is {device})")
         dtype = dtype or default_dtype(device)
-        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=device, dtype=dtype)
+        # Resolved before the backbone loads: a missing VAE costs a second, not a model load.
+        vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
+        # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
+        load_device = torch.device("cpu") if cpu_offload else device
+        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype)
+        if vae_choice is not None:
+            replace_vae(sdxl, load_vae(vae_choice, dtype), vae_choice.name)
+            sdxl.vae.to(load_device)
         loaded = None
         if adapter is not None:
             loaded = load_adapter(sdxl, adapter, backbone=spec.name, path=adapter_path, image_encoder=image_encoder)
-            sdxl.to(device)
+            sdxl.to(load_device)
             loaded.projection.to(device=device, dtype=dtype)
-        return cls(sdxl, spec, loaded, loras)
+        pipe = cls(sdxl, spec, loaded, loras, vae=vae_choice)
+        pipe.set_vae_tiling(vae_tiling)
+        if cpu_offload:
+            pipe.enable_model_cpu_offload(device)
+        return pipe
 
     @property
     def device(self) -> torch.device:
+        """Where the models run: the UNet's device, or the accelerator of CPU offload (diffusers'
+        ``_execution_device``: the offloaded weights themselves rest on the CPU)."""
+        if self._offload_device is not None:
+            return self._offload_device
         return self.sdxl.unet.device
+
+    # -- memory options ------------------------------------------------------------------------------
+
+    @property
+    def cpu_offload(self) -> bool:
+        """Whether model CPU offload is on (see :meth:`enable_model_cpu_offload`)."""
+        return self._offload_device is not None
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """Keep the models on the CPU and move each to ``device`` (CUDA) only while it runs.
+
+        diffusers' model CPU offload: one whole model at a time on the GPU (text encoders, image
+        encoder, UNet, VAE in that order), so the GPU holds the largest model, not all of them. The
+        adapter's small identity projection stays on the GPU.
+        """
+        target = torch.device(device) if device is not None else default_device()
+        if target.type != "cuda":
+            raise ConfigError(f"cpu_offload needs a CUDA device (got {target})")
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        self.sdxl.enable_model_cpu_offload(device=target)
+        if self.adapter is not None:
+            self.adapter.projection.to(target)
+        self._offload_device = target
+
+    @property
+    def vae_tiling(self) -> bool:
+        """Whether the VAE decodes in tiles."""
+        return bool(getattr(self.sdxl.vae, "use_tiling", False))
+
+    def set_vae_tiling(self, enabled: bool = True) -> None:
+        """Decode in overlapping tiles (constant memory for large images) or in one piece."""
+        vae = self.sdxl.vae
+        if enabled:
+            vae.enable_tiling()
+        elif hasattr(vae, "use_tiling"):
+            vae.disable_tiling()
+
+    def memory_options(self) -> dict[str, Any]:
+        """The memory options in effect: VAE (name, source, class), tiling, CPU offload."""
+        choice = self._vae_choice
+        return {
+            "vae": VAE_DEFAULT if choice is None else choice.name,
+            "vae_source": None if choice is None else choice.source,
+            "vae_class": type(self.sdxl.vae).__name__,
+            "vae_tiling": self.vae_tiling,
+            "cpu_offload": self.cpu_offload,
+        }
 
     @property
     def dtype(self) -> torch.dtype:
@@ -435,6 +542,10 @@ class FastFacePipeline:
         )
         step_kwargs = self._step_kwargs(scheduler, generators)
         timestep_cond = self._timestep_cond(num_images)
+        if self._offload_device is not None:
+            # Encoders used just now (or by an earlier encode_* call) go back to the CPU, so that
+            # the UNet, the largest model, has the GPU to itself during the loop.
+            self.sdxl.maybe_free_model_hooks()
 
         _sync(device)
         t_loop = time.perf_counter()
@@ -445,6 +556,8 @@ class FastFacePipeline:
         _sync(device)
         t_decode = time.perf_counter()
         images = self._decode(latents, output_type)
+        if self._offload_device is not None:
+            self.sdxl.maybe_free_model_hooks()  # the VAE (or UNet) leaves the GPU, as in diffusers
         _sync(device)
         end = time.perf_counter()
 
@@ -710,6 +823,9 @@ class FastFacePipeline:
             return []
         vae = self.sdxl.vae
         with torch.no_grad():
+            # As diffusers' SDXL pipeline: the KL VAEs undo their scaling (and per-channel
+            # statistics where the config has them); AutoencoderTiny has neither statistics nor
+            # upcast, its scaling_factor is 1 and its decoder outputs [-1, 1] like the KL decoder.
             z = latents.to(vae.dtype)
             mean = getattr(vae.config, "latents_mean", None)
             std = getattr(vae.config, "latents_std", None)
@@ -731,6 +847,8 @@ class FastFacePipeline:
         licence: dict[str, Any] = {"backbone": list(self.backbone.licence)}
         if self.adapter is not None:
             licence["adapter"] = list(self.adapter.spec.licence)
+        if self._vae_choice is not None:
+            licence["vae"] = self._vae_choice.licence
         if tokens is not None:
             backend = str(tokens.info.get("backend"))
             licence["face_model"] = _face_licence(backend) or f"see the '{backend}' face backend's licence"
@@ -780,6 +898,7 @@ class FastFacePipeline:
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "memory": self.memory_options(),
             "versions": _versions(),
             "licence": self._licences(tokens),
         }
@@ -798,4 +917,4 @@ class FastFacePipeline:
         return result
 
 
-__all__ = ["BRANCHES", "FastFacePipeline", "GenerationResult", "IdentityTokens", "PromptEmbeds"]
+__all__ = ["BRANCHES", "FastFacePipeline", "GenerationResult", "IdentityTokens", "PromptEmbeds", "replace_vae"]

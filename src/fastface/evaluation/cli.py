@@ -111,11 +111,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps=args.steps, height=args.height, width=args.width, ip_scale=args.ip_scale, lora_scale=args.lora_scale,
         alpha=args.alpha, beta=args.beta, rescale=args.rescale, rescale_on=args.rescale_on,
         face_backend=args.face_backend, base_model=args.base_model, adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder, lora=tuple(args.lora), dtype=args.dtype,
-        negative_prompt=args.negative_prompt, reference_photos=args.reference_photos, batch_size=args.batch_size)
+        image_encoder=args.image_encoder, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
+        vae_tiling=args.vae_tiling, negative_prompt=args.negative_prompt, reference_photos=args.reference_photos, batch_size=args.batch_size)
     grid = Grid(seeds=args.seeds, split=args.split, limit=args.limit)
     summary = run_grid(config, args.dataset, args.run_dir, grid, device=args.device,
-                       command=["fastface", *sys.argv[1:]], progress=not args.no_progress)
+                       command=["fastface", *sys.argv[1:]], progress=not args.no_progress,
+                       cpu_offload=args.cpu_offload)
     where = "" if summary.world == 1 else f" (rank {summary.rank} of {summary.world}: {summary.assigned} samples)"
     print(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done, "
           f"{summary.total} in the grid{where}; {summary.seconds:.1f} s")

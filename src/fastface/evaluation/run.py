@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,9 @@ class RunConfig:
     """Everything that decides the pixels of a run; resuming with any field changed is refused.
 
     The fields mirror the options of ``fastface generate`` (``commands.add_generation_options``);
-    the device is not part of it (a run may move to another GPU), but each record names it.
+    the device and ``--cpu-offload`` are not part of it (they move weights, not pixels: a run may
+    change GPU or start offloading), but each record names them. ``vae``/``vae_tiling`` are: they
+    change the decoded pixels.
     """
 
     backbone: str = "hyper-4"
@@ -63,6 +65,8 @@ class RunConfig:
     image_encoder: str | None = None
     lora: tuple[str, ...] = ()
     dtype: str = "auto"
+    vae: str | None = None
+    vae_tiling: bool = False
     negative_prompt: str | None = None
     reference_photos: int = 1
     batch_size: int = 1
@@ -74,6 +78,8 @@ class RunConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.adapter == "none":
             object.__setattr__(self, "adapter", None)
+        if self.vae == "default":
+            object.__setattr__(self, "vae", None)
         object.__setattr__(self, "lora", tuple(self.lora))
 
     @property
@@ -85,9 +91,10 @@ class RunConfig:
         data["lora"] = list(self.lora)
         return data
 
-    def namespace(self, device: str = "auto") -> argparse.Namespace:
+    def namespace(self, device: str = "auto", cpu_offload: bool = False) -> argparse.Namespace:
         """The options as ``fastface generate`` parses them, for the engine's own checks and loaders."""
-        return argparse.Namespace(**{**asdict(self), "lora": list(self.lora), "device": device})
+        return argparse.Namespace(**{**asdict(self), "lora": list(self.lora), "device": device,
+                                     "cpu_offload": cpu_offload})
 
     @staticmethod
     def option(field_name: str) -> str:
@@ -262,20 +269,24 @@ def canonical_command(config: RunConfig, grid: Grid, dataset_dir: str, run_dir: 
     cmd += ["--backbone", config.backbone, "--method", config.method]
     cmd += ["--no-identity"] if config.adapter is None else ["--adapter", config.adapter]
     for name in ("steps", "height", "width", "ip_scale", "lora_scale", "alpha", "beta", "rescale", "rescale_on",
-                 "face_backend", "base_model", "adapter_path", "image_encoder", "dtype", "negative_prompt",
+                 "face_backend", "base_model", "adapter_path", "image_encoder", "dtype", "vae", "negative_prompt",
                  "reference_photos", "batch_size"):
         value = getattr(config, name)
         if value is not None:
             cmd += [RunConfig.option(name), str(value)]
     for item in config.lora:
         cmd += ["--lora", item]
+    if config.vae_tiling:
+        cmd += ["--vae-tiling"]
     return cmd
 
 
 def _differences(old: dict, new: dict) -> list[str]:
     out = []
     for f in fields(RunConfig):
-        if old.get(f.name) != new.get(f.name):
+        # A field missing from an older manifest had its default value then (added later).
+        default = f.default if f.default is not MISSING else None
+        if old.get(f.name, default) != new.get(f.name):
             out.append(f"{RunConfig.option(f.name)} is {new.get(f.name)!r} here but {old.get(f.name)!r} in the run")
     return out
 
@@ -465,7 +476,7 @@ def _device_for_rank(device: str | None) -> str:
 
 def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, grid: Grid | None = None, *,
              device: str | None = None, command: Sequence[str] | None = None, progress: bool = True,
-             manifest_timeout_s: float = 600.0) -> RunSummary:
+             manifest_timeout_s: float = 600.0, cpu_offload: bool = False) -> RunSummary:
     """Generate the missing samples of this process's share of the grid into ``run_dir``."""
     from tqdm.auto import tqdm
 
@@ -521,7 +532,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    pipe = commands.load_pipeline(config.namespace(_device_for_rank(device)), resolved)
+    pipe = commands.load_pipeline(config.namespace(_device_for_rank(device), cpu_offload), resolved)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)
     tokens_by_identity: dict[str, Any] = {}
