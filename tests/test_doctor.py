@@ -48,6 +48,10 @@ def test_doctor_json_reports_what_is_here(laid_out):
     assert faces["buffalo_l"]["status"] == "ready"
     assert faces["buffalo_l"]["files"]["det_10g.onnx"] == str(laid_out / "home/.insightface/models/buffalo_l/det_10g.onnx")
     assert faces["antelopev2"]["status"] == "missing"
+    # The installed face-recognition-models has the recogniser and the 68-point model: the default
+    # dlib backend works, whatever optional files (CNN detector, 5-point model) the release lacks.
+    assert faces["dlib"]["status"] == "ready"
+    assert not any(line.startswith("face backend dlib") for line in report["missing"])
     assert "glintr100.onnx" in faces["antelopev2"]["how"] and "antelopev2" in faces["antelopev2"]["how"]
     gen = report["generation_models"]
     assert gen["hf_cache"] == str(laid_out / "hub")

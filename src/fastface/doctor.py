@@ -104,10 +104,16 @@ def _dlib_status() -> dict[str, Any]:
         entry["location"] = str(folder)
         entry["files"] = {name: str(folder / name) if (folder / name).is_file() else None
                           for name in dlib_backend.MODEL_FILES.values()}
+        # The default backend (HOG detector, 68 landmarks) needs only these two; the wheel release
+        # (0.1.3) ships just them, the source-only 0.3 release adds the CNN detector and 5-point model.
+        required = {dlib_backend.MODEL_FILES["recognition"], dlib_backend.MODEL_FILES[68]}
         absent = [name for name, where in entry["files"].items() if where is None]
-        if absent:
+        if [name for name in absent if name in required]:
             problems.append(f"missing {', '.join(absent)} in {folder}: pip install --force-reinstall "
                             "face-recognition-models")
+        elif absent:
+            entry["optional_missing"] = (f"{', '.join(absent)} (CNN detector, 5-point landmarks): "
+                                         "pip install 'face-recognition-models>=0.3'")
     return _finish(entry, problems)
 
 
