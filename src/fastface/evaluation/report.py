@@ -186,7 +186,8 @@ def cost_plot(runs: list[dict], out: Path) -> Path:
 
     quality = [("id.", "identity similarity"), ("clip_t.", "CLIP-T (full prompt)"), ("aesthetic", "aesthetic score")]
     panels = [(p, title) for p, title in quality if any(_first_metric(r["aggregate"]["splits"], p) for r in runs)]
-    panels = panels or [("wall_ms", "wall ms per image")]
+    # With no quality metric scored there is still a cost trade-off to show: evaluations vs time.
+    panels = panels or [("unet_evaluations", "cost only (no quality metric was scored)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (prefix, title) in zip(axes[0], panels):
         for r in runs:
