@@ -153,10 +153,11 @@ def test_demo_writes_contact_sheet(cli_env, tmp_path):
 
 
 def test_guidance_overrides_reach_the_plan(cli_env, tmp_path):
-    target = tmp_path / "one.png"
+    target = tmp_path / "one.jpg"
     proc = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "x", "--backbone", "tiny",
                     "--method", "dcg", "--alpha", "1,2,2,1", "--beta", "2", "--rescale", "0", "--out", str(target))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(target).format == "JPEG"  # the file name's format, written atomically
     meta = json.loads(target.with_suffix(".json").read_text())
     assert meta["guidance"]["alpha"] == [1.0, 2.0, 2.0, 1.0] and meta["guidance"]["rescale"] == 0.0
     # Without rescale only branches with a non-zero coefficient run: (1-α)ε∅ + (α-β)εI + βεTI.

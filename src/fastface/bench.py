@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import write_text_atomic
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1150,9 +1151,7 @@ def _json_ready(value: Any) -> Any:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

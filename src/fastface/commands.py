@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from .atomic import atomic_path, write_text_atomic
 from .errors import ConfigError, InputError
 
 EMBEDDING_SUFFIXES = {".npy", ".safetensors"}
@@ -257,22 +259,11 @@ def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str
             name = f"{stem}_{index:03d}_seed{meta.get('seed', index)}.png"
             targets.append(out / name)
     for image, meta, target in zip(result.images, result.metadata, targets):
-        _atomic_save_image(image, target)
-        _atomic_write_text(target.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
+        with atomic_path(target) as tmp:
+            image.save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
+        write_text_atomic(target.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
         written.append(target)
     return written
-
-
-def _atomic_save_image(image: Any, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG" if target.suffix.lower() == ".png" else None)
-    os.replace(tmp, target)
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, target)
 
 
 # --------------------------------------------------------------------------- demo

@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import html
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path, write_text_atomic
 from ..errors import InputError
 from .run import load_records, read_manifest
 from .score import load_scores
@@ -309,18 +309,14 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, seed: int =
               "level": 0.95, "unit": "identity"}, "runs": runs, "plot": plot.name}
     paths = {"json": out / "report.json", "csv": out / "report.csv", "html": out / "index.html", "plot": plot}
     _write(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
-    tmp = paths["csv"].with_name(f".tmp-report.{os.getpid()}.csv")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(_csv_rows(runs))
-    os.replace(tmp, paths["csv"])
     _write(paths["html"], _html(runs, plot.name))
     return paths
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.stem}.{os.getpid()}{path.suffix}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _html(runs: list[dict], plot: str) -> str:
