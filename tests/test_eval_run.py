@@ -188,3 +188,32 @@ def test_run_score_report_end_to_end(straight, smoke, tmp_path):
     assert "unavailable" in page and "id.arcface" in page
     csv_text = (out / "report.csv").read_text()
     assert "id.dlib" in csv_text and "unavailable" in csv_text
+
+
+def test_scoring_split_over_two_processes_equals_one(straight, tmp_path):
+    """`eval score` under `accelerate launch`: each rank scores its share, rank 0 writes the table."""
+    import shutil
+
+    from eval_helpers import make_tiny_clip
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp_path / name
+        shutil.copytree(straight, runs[name], ignore=shutil.ignore_patterns("scores", "scores.*"))
+    options = ["--metrics", "identity,clip,cost", "--face-backends", "dlib", "--clip-model", str(clip),
+               "--no-progress"]
+    single = fastface_cli("eval", "score", "--run-dir", str(runs["one"]), *options)
+    assert single.returncode == 0, single.stderr[-2000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "fastface.cli",
+           "eval", "score", "--run-dir", str(runs["two"]), *options]
+    split = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=240)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "rank 1 of 2: scored" in split.stdout  # the second process did score its share
+    one = json.loads((runs["one"] / "scores.json").read_text())
+    two = json.loads((runs["two"] / "scores.json").read_text())
+    assert len(one["samples"]) == N_SAMPLES and one["samples"] == two["samples"]
+    assert one["metrics"] == two["metrics"]
+    assert _temporaries(runs["two"]) == []
