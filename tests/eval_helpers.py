@@ -8,39 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastface.testing import write_clip_tokenizer
+
 CLIP_IMAGE_SIZE = 32
-
-
-def _byte_alphabet() -> list[str]:
-    """CLIP's printable stand-in for each of the 256 bytes (so every text tokenizes)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
-def write_clip_tokenizer(folder: Path) -> int:
-    """A byte-level CLIP BPE vocabulary with a few merges; returns its size."""
-    symbols = _byte_alphabet()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    merges = [("p", "h"), ("ph", "o"), ("t", "o</w>")]
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}), encoding="utf-8")
-    return len(vocab)
 
 
 def make_tiny_clip(folder: Path, projection_dim: int = 16, seed: int = 0) -> Path:
@@ -49,7 +19,7 @@ def make_tiny_clip(folder: Path, projection_dim: int = 16, seed: int = 0) -> Pat
     from transformers import CLIPConfig, CLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_clip_tokenizer(folder)
+    vocab_size = write_clip_tokenizer(folder, merges=[("p", "h"), ("ph", "o"), ("t", "o</w>")])
     config = CLIPConfig(
         text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": vocab_size - 1,

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,19 +106,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _write_tokenizer(folder: Path) -> int:
-    """A CLIP BPE tokenizer over single bytes (no merges); returns the vocabulary size."""
+def write_clip_tokenizer(folder: Path, merges: Sequence[tuple[str, str]] = ()) -> int:
+    """An offline CLIP BPE tokenizer over single bytes (plus ``merges``); returns the vocabulary size.
+
+    Any text tokenizes (every byte is a symbol), so tiny text encoders need no downloaded vocabulary.
+    """
     symbols = [_bytes_to_unicode()[b] for b in range(256)]
     vocab: dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)
     for s in symbols:
         vocab[s + "</w>"] = len(vocab)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -199,7 +205,7 @@ def _build_backbone(folder: Path) -> Any:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     staging = folder / "_tok"
-    vocab_size = _write_tokenizer(staging)
+    vocab_size = write_clip_tokenizer(staging)
     tokenizer = CLIPTokenizer.from_pretrained(staging)
     shutil.rmtree(staging)
 
