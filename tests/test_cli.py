@@ -53,6 +53,7 @@ def test_generate_writes_images_and_sidecars(cli_env, tmp_path):
         seeds.append(meta["seed"])
         assert meta["unet_evaluations"] == 10  # default fastface preset at 4 steps
         assert meta["backbone"] == "tiny" and meta["method"] == "fastface"
+        assert meta["loras_fused"] is True  # one command, one LoRA weighting: merged once
         assert Image.open(png).size == (64, 64)
     assert sorted(seeds) == [7, 8, 9, 10]  # image i of the call uses seed + i
     licence = [line for line in proc.stderr.splitlines() if line.startswith("licence: ")]

@@ -893,6 +893,7 @@ class FastFacePipeline:
             "ip_scale": ip_scale if has_identity else None,
             "lora_scale": lora_scale if has_identity else None,
             "lora_weights": dict(self._lora_weights),
+            "loras_fused": self._fused_loras is not None,
             "identity": None if tokens is None else dict(tokens.info),
             "unet_evaluations": evaluations,
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
