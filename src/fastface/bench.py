@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
+from .timing import synchronize
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -169,13 +170,6 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Timing helpers
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (a no-op on CPU), so that host clocks measure the device."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:

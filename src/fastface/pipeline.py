@@ -49,6 +49,7 @@ from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
 from .guidance import combine as combine_branches
 from .presets import DEFAULT_METHOD, get_method, plain_cfg
 from .processors import CONTEXT_KEY, IPContext, install, make_am_kernel, uninstall
+from .timing import synchronize
 
 # Which conditions each branch uses: (text, identity).
 _BRANCH_CONDITIONS = {"null": (False, False), "text": (True, False), "id": (False, True), "full": (True, True)}
@@ -122,11 +123,6 @@ def _face_licence(backend: str) -> str | None:
         return licence if isinstance(licence, str) else None
     except (KeyError, ImportError, AttributeError, ValueError, ConfigError):
         return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _as_list(value: str | Sequence[str], what: str) -> list[str]:
@@ -514,10 +510,10 @@ class FastFacePipeline:
             raise ConfigError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
 
         # Identity tokens: once per call (or reused from the caller).
-        _sync(device)
+        synchronize(device)
         t_identity = time.perf_counter()
         tokens = self._identity_tokens(face, identity_tokens, identity_mode)
-        _sync(device)
+        synchronize(device)
         t_prompt = time.perf_counter()
         if prompt_embeds is None:
             if prompt is None:
@@ -525,7 +521,7 @@ class FastFacePipeline:
             prompt_embeds = self.encode_prompt(prompt, negative_prompt)
         elif prompt is not None and list(prompt_embeds.prompts) != _as_list(prompt, "prompt"):
             raise ConfigError("prompt and prompt_embeds disagree: pass one of them")
-        _sync(device)
+        synchronize(device)
         t_setup = time.perf_counter()
 
         num_images = len(prompt_embeds) * num_images_per_prompt
@@ -547,18 +543,18 @@ class FastFacePipeline:
             # the UNet, the largest model, has the GPU to itself during the loop.
             self.sdxl.maybe_free_model_hooks()
 
-        _sync(device)
+        synchronize(device)
         t_loop = time.perf_counter()
         latents = self._denoise(
             scheduler, latents, timesteps, timesteps_host, inputs, step_kwargs, timestep_cond, cfg,
             callback, progress,
         )
-        _sync(device)
+        synchronize(device)
         t_decode = time.perf_counter()
         images = self._decode(latents, output_type)
         if self._offload_device is not None:
             self.sdxl.maybe_free_model_hooks()  # the VAE (or UNet) leaves the GPU, as in diffusers
-        _sync(device)
+        synchronize(device)
         end = time.perf_counter()
 
         timings = {
