@@ -76,6 +76,7 @@ class AdapterSpec:
     description: str = ""
     presets_tuned: bool = True  # False: the method presets were tuned on another adapter
     extra_files: tuple[RequiredFile, ...] = ()  # beyond the checkpoint and the image encoder
+    # Per-call options the adapter's encode() accepts, with their defaults (checked before loading).
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def adapter_class(self) -> type[IdentityAdapter]:
@@ -181,8 +182,13 @@ class IdentityAdapter(ABC):
         """
 
     @abstractmethod
-    def encode(self, identity: Identity, mode: str = "mean") -> IdentityConditioning:
-        """Tokens for ``identity`` and for the null identity; ``mode``: "mean" or "concat" photos."""
+    def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
+        """Tokens for ``identity`` and for the null identity; ``mode``: "mean" or "concat" photos.
+
+        ``options``: adapter-specific per-call options (e.g. a pose photo, a ControlNet scale),
+        from ``FastFacePipeline(..., adapter_options=...)``; refuse unknown ones with
+        :func:`check_options`.
+        """
 
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:
@@ -275,6 +281,14 @@ class IdentityAdapter(ABC):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by adapters
+
+
+def check_options(adapter: str, options: Mapping[str, Any], allowed: Sequence[str] = ()) -> None:
+    """Refuse adapter options this adapter does not know (one line naming the known ones)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = f"; it knows: {', '.join(allowed)}" if allowed else "; it takes none"
+        raise ConfigError(f"unknown option(s) for the {adapter} adapter: {', '.join(unknown)}{known}")
 
 
 def check_mode(mode: str) -> None:
