@@ -34,7 +34,6 @@ import numpy as np
 from ..errors import ConfigError, FastFaceError, InputError, MissingWeightsError, NoFaceError
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-MAX_SEED = 2**63
 # Words of library messages that name a request field ("steps must be …", "unknown backbone …").
 _FIELD_WORDS = (
     "backbone", "adapter", "method", "steps", "height", "width", "num_images", "seed", "ip_scale",
@@ -52,8 +51,14 @@ class RequestError(FastFaceError):
         self.status = status
 
 
+_FIELD_PHRASES = (("images per call", "num_images"), ("seeds", "seed"), ("schedule", "alpha"))
+
+
 def field_of(message: str, default: str) -> str:
     """The request field a library message is about (its first field word), else ``default``."""
+    for phrase, name in _FIELD_PHRASES:
+        if phrase in message and not any(re.search(rf"\b{w}\b", message) for w in _FIELD_WORDS):
+            return name
     found = [(m.start(), word) for word in _FIELD_WORDS for m in re.finditer(rf"\b{word}\b", message)]
     return min(found)[1] if found else default
 
@@ -230,14 +235,6 @@ def decode_photo(data: bytes, limits: ServeLimits, name: str = "photo") -> np.nd
 # --------------------------------------------------------------------------------------- validation
 
 
-def _check_int(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise RequestError(name, f"{name} must be an integer, got {value!r}")
-    if not low <= int(value) <= high:
-        raise RequestError(name, f"{name} must be between {low} and {high}, got {value}")
-    return int(value)
-
-
 def _check_float(value: Any, name: str, low: float | None = None, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise RequestError(name, f"{name} must be a finite number, got {value!r}")
@@ -255,7 +252,9 @@ def _library(default_field: str) -> Any:
 
         def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
             if isinstance(exc, (ConfigError, InputError)) and not isinstance(exc, RequestError):
-                raise RequestError(field_of(str(exc), default_field), str(exc)) from None
+                # The library's hint on raising a limit speaks to CLI and Python users, not to clients.
+                message = str(exc).split("; raise the limit")[0]
+                raise RequestError(field_of(message, default_field), message) from None
             return False
 
     return _Guard()
@@ -265,21 +264,19 @@ def validate(
     request: GenerationRequest,
     limits: ServeLimits,
     *,
-    size_multiple: Callable[[str], int],
     served: Sequence[tuple[str, str | None]] | None = None,
     fused_lora_scale: float | None = None,
 ) -> ValidRequest:
-    """Check a request against the library's registries and rules and the server's limits.
+    """Check a request with the library's :class:`~fastface.config.GenerationConfig` and the server's limits.
 
-    ``size_multiple(backbone)``: what height/width must be a multiple of. ``served``: the
-    (backbone, adapter) pairs this process serves (None: any). ``fused_lora_scale``: the adapter
-    LoRA weight merged into the served pipelines (a request must ask for that one).
+    The library's ``validate()`` checks names, numbers and schedules with the same rules and
+    messages as the CLI (steps, size and image counts against :class:`~fastface.config.Limits`
+    built from ``limits``); the server adds what only a server has: the (backbone, adapter) pairs it
+    serves (``served``; None: any), prompt counts and lengths, an upper bound on ``ip_scale``, the
+    adapter LoRA weight merged into its pipelines (``fused_lora_scale``), and the AM scale fields.
     """
-    from ..adapters import spec_for_backbone
     from ..attention import AttentionManipulation
-    from ..backbones import get_backbone
-    from ..guidance import GuidanceConfig, plan_steps
-    from ..presets import get_method, plain_cfg
+    from ..config import FROM_METHOD, GenerationConfig, Limits
 
     default_backbone, default_adapter = served[0] if served else ("hyper-4", "faceid")
     r = request
@@ -289,80 +286,67 @@ def validate(
     if len(prompts) > limits.max_prompts:
         raise RequestError("prompt", f"at most {limits.max_prompts} prompts per request, got {len(prompts)}")
     for text, name in [(p, "prompt") for p in prompts] + [(r.negative_prompt, "negative_prompt")]:
-        if text is None and name == "negative_prompt":
-            continue
-        if not isinstance(text, str):
-            raise RequestError(name, f"{name} must be a string")
-        if len(text) > limits.max_prompt_chars:
+        if isinstance(text, str) and len(text) > limits.max_prompt_chars:
             raise RequestError(name, f"{name} is {len(text)} characters; the limit is {limits.max_prompt_chars}")
-    with _library("backbone"):
-        backbone = get_backbone(r.backbone or default_backbone)
     adapter_name = default_adapter if r.adapter is None else (None if r.adapter == "none" else r.adapter)
-    with _library("adapter"):
-        adapter = spec_for_backbone(adapter_name, backbone.name) if adapter_name is not None else None
-    if served is not None and (backbone.name, adapter_name) not in served:
-        pairs = ", ".join(f"{b}+{a or 'none'}" for b, a in served)
-        what = "backbone" if backbone.name not in {b for b, _ in served} else "adapter"
-        raise RequestError(what, f"{backbone.name}+{adapter_name or 'none'} is not served here; served: {pairs}")
-    with _library("method"):
-        method = get_method(r.method)
-    steps = _check_int(backbone.steps if r.steps is None else r.steps, "steps", 1, limits.max_steps)
-    multiple = size_multiple(backbone.name)
-    size = {}
-    for name, value in (("height", r.height), ("width", r.width)):
-        size[name] = _check_int(backbone.resolution if value is None else value, name, multiple, limits.max_size)
-        if size[name] % multiple:
-            raise RequestError(name, f"{name} must be a multiple of {multiple}, got {size[name]}")
-    count = _check_int(r.num_images, "num_images", 1, limits.max_images)
-    total = count * len(prompts)
-    if total > limits.max_images:
-        raise RequestError("num_images", f"{len(prompts)} prompts × {count} images = {total}; the limit is {limits.max_images}")
-    seed = secrets.randbelow(2**31) if r.seed is None else _check_int(r.seed, "seed", 0, MAX_SEED - 1 - total)
+    count = r.num_images
+    seed = secrets.randbelow(2**31) if r.seed is None else r.seed
+    config = GenerationConfig(
+        prompts=tuple(prompts), negative_prompt=r.negative_prompt, backbone=r.backbone or default_backbone,
+        adapter=adapter_name, method=r.method, steps=r.steps, height=r.height, width=r.width, num_images=count,
+        seed=seed, ip_scale=r.ip_scale, lora_scale=r.lora_scale, alpha=r.alpha, beta=r.beta, rescale=r.rescale,
+        limits=Limits(max_steps=limits.max_steps, max_size=limits.max_size, max_images=limits.max_images),
+    )
+    if served is not None:
+        from ..adapters import get_adapter
+        from ..backbones import get_backbone
+
+        with _library("backbone"):
+            backbone = get_backbone(config.backbone).name
+        if adapter_name is not None:
+            with _library("adapter"):
+                get_adapter(adapter_name)
+        if (backbone, adapter_name) not in served:
+            pairs = ", ".join(f"{b}+{a or 'none'}" for b, a in served)
+            what = "backbone" if backbone not in {b for b, _ in served} else "adapter"
+            raise RequestError(what, f"{backbone}+{adapter_name or 'none'} is not served here; served: {pairs}")
+    with _library("request"):
+        resolved = config.validate()
+    backbone = resolved.backbone.name
     _check_float(r.ip_scale, "ip_scale", 0.0, limits.max_ip_scale)
-    _check_float(r.lora_scale, "lora_scale", -10.0, 10.0)
-    if fused_lora_scale is not None and adapter is not None and r.lora_scale != fused_lora_scale:
+    if fused_lora_scale is not None and adapter_name is not None and r.lora_scale != fused_lora_scale:
         raise RequestError("lora_scale", f"lora_scale is fixed at {fused_lora_scale:g} on this server "
                                          f"(the LoRAs are merged into the UNet), got {r.lora_scale:g}")
+    if r.rescale is not None:
+        _check_float(r.rescale, "rescale", 0.0, 1.0)
 
-    guidance = method.guidance if method.guidance is not None else plain_cfg(backbone.cfg_scale)
-    overrides = {k: getattr(r, k) for k in ("alpha", "beta", "rescale") if getattr(r, k) is not None}
-    for key in ("alpha", "beta"):
-        if key in overrides and isinstance(overrides[key], (list, tuple)):
-            overrides[key] = tuple(overrides[key])
-    if "rescale" in overrides:
-        _check_float(overrides["rescale"], "rescale", 0.0, 1.0)
-    if overrides:
-        fields = {k: v for k, v in guidance.to_dict().items() if k in ("alpha", "beta", "rescale", "rescale_on",
-                                                                     "decomposition")}
-        fields.update(overrides)
-        with _library("alpha"):
-            guidance = GuidanceConfig(**fields)
-    with _library("alpha"):
-        plan_steps(guidance, steps)  # schedule lengths and values, before anything is queued
-
-    attention = method.attention
+    attention = resolved.method.attention
     am = {k: getattr(r, k) for k in ("am_scale_down", "am_scale_up", "am_power") if getattr(r, k) is not None}
     if am:
         first = next(iter(am))
         if attention is None or attention.mode != "scale-power":
             raise RequestError(first, f"{first} needs a method with scale-power attention manipulation "
-                                      f"(fastface, am); {method.name} has {attention.mode if attention else 'none'}")
+                                      f"(fastface, am); {resolved.method.name} has "
+                                      f"{attention.mode if attention else 'none'}")
         for key, value in am.items():
             _check_float(value, key, 0.0, 10.0)
         current = attention.parts
-        power = am.get("am_power", next(iter(current.values())).power)
         with _library(first):
             attention = AttentionManipulation.scale_power(
-                power=power,
+                power=am.get("am_power", next(iter(current.values())).power),
                 s_down=am.get("am_scale_down", current["down"].scale if "down" in current else 1.55),
                 s_up=am.get("am_scale_up", current["up"].scale if "up" in current else 1.45),
             )
+        with _library(first):
+            config.replace(attention=attention).validate()
+    elif config.attention is not FROM_METHOD:
+        attention = config.attention
+    total = len(prompts) * count
     per_image = tuple(p for p in prompts for _ in range(count))
     return ValidRequest(
-        request=r, backbone=backbone.name, adapter=adapter_name,
-        face_backend=adapter.face_backend if adapter is not None else None,
-        guidance=guidance, attention=attention, steps=steps, height=size["height"], width=size["width"],
-        prompts=per_image, seeds=tuple(seed + i for i in range(total)),
+        request=r, backbone=backbone, adapter=adapter_name, face_backend=resolved.face_backend,
+        guidance=resolved.guidance, attention=attention, steps=resolved.steps, height=resolved.height,
+        width=resolved.width, prompts=per_image, seeds=tuple(int(seed) + i for i in range(total)),
     )
 
 
@@ -439,18 +423,9 @@ class Engine:
         with self._load_lock:
             return list(self._pipelines)
 
-    def size_multiple(self, backbone: str) -> int:
-        """What height/width must be a multiple of: the VAE factor times the UNet's downsampling."""
-        with self._load_lock:
-            pipe = next((p for (b, _), p in self._pipelines.items() if b == backbone), None)
-        if pipe is None:
-            return 8 if backbone == "tiny" else 32
-        unet = pipe.sdxl.unet
-        return int(pipe.sdxl.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1))
-
     def validate(self, request: GenerationRequest) -> ValidRequest:
         return validate(
-            request, self.limits, size_multiple=self.size_multiple, served=self.served,
+            request, self.limits, served=self.served,
             fused_lora_scale=1.0 if self.fuse_loras else None,
         )
 
