@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import secrets
 import threading
 import time
@@ -213,6 +214,7 @@ def create_app(
                 response = _error(500, None, "internal server error")
         route = request.scope.get("route")
         metrics.count(getattr(route, "path", "unmatched"), response.status_code)
+        response.headers["X-FastFace-Process"] = str(os.getpid())  # which replica answered (Ray Serve)
         return response
 
     @app.exception_handler(RequestValidationError)
