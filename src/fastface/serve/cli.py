@@ -51,6 +51,15 @@ def _common(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--no-fuse", action="store_true", help="keep the LoRAs unfused (lora_scale may vary)")
 
 
+def require(module: str, extra: str, command: str) -> None:
+    """A one-line error naming the extra to install when an optional front-end package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"fastface {command} needs the [{extra}] extra ({module} is not installed): "
+                          f"pip install -e \".[{extra}]\" in a FastFace checkout")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -103,6 +112,10 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.timeout <= 0 or args.batch_wait_ms < 0:
         raise ConfigError("--timeout must be > 0 and --batch-wait-ms >= 0")
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module, "serve", "serve")
+    if args.ray:
+        require("ray", "ray", "serve --ray")
     models = parse_models(args.model)
     limits = ServeLimits(
         max_images=args.max_images, max_steps=args.max_steps, max_size=args.max_size,
@@ -131,6 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_ui(args: argparse.Namespace) -> int:
+    require("gradio", "ui", "ui")
     from ..ui import launch
 
     device, dtype = _device(args)
