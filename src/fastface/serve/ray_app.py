@@ -93,7 +93,7 @@ def build_application(options: dict[str, Any], *, replicas: int, replica_cpus: f
 
 
 def start(options: dict[str, Any], *, host: str, port: int, replicas: int, replica_cpus: float,
-          num_cpus: float | None = None, torch_threads: int | None = None) -> str:
+          replica_gpus: float | None = None, num_cpus: float | None = None, torch_threads: int | None = None) -> str:
     """Start Ray (locally), Serve's proxy on ``host:port`` and the application; returns the base URL."""
     import ray
     from ray import serve
@@ -105,7 +105,8 @@ def start(options: dict[str, Any], *, host: str, port: int, replicas: int, repli
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": env})
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
-    app = build_application(options, replicas=replicas, replica_cpus=replica_cpus, torch_threads=torch_threads)
+    app = build_application(options, replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+                            torch_threads=torch_threads)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 
