@@ -308,7 +308,8 @@ def create_app(
                     raise RequestError("photos", f"photo {index + 1} is not valid base64") from None
             record = await _identity(raw, valid.backbone, valid.adapter, _parse_select(body.select))
         elif body.identity_id is not None:
-            record = engine.identity(body.identity_id)
+            # a look-up in the shared actor under Ray: off the event loop
+            record = await run_in_threadpool(engine.identity, body.identity_id)
         engine.check_identity(valid, record)
         if body.response_format == "png" and valid.num_images != 1:
             raise RequestError("response_format", f"response_format png returns one image; this request makes "
@@ -386,7 +387,7 @@ def create_app(
     async def job(job_id: str) -> dict[str, Any]:
         if not ID_PATTERN.match(job_id):
             raise RequestError("job_id", "job_id must be 32 hexadecimal characters", 404)
-        state = jobs.get(job_id)
+        state = await run_in_threadpool(jobs.get, job_id)
         if state is None:
             raise RequestError("job_id", f"unknown job {job_id} (expired or never created)", 404)
         return state
