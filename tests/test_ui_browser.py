@@ -104,14 +104,28 @@ def test_portrait_generate_compare_and_a_cat(page, tmp_path_factory, tmp_path):
     if os.environ.get("FASTFACE_UI_SCREENSHOT"):  # refresh the README's screenshot on demand
         shutil.copy(shot, os.environ["FASTFACE_UI_SCREENSHOT"])
 
+    # a backbone whose weights are not here (offline): one line with the command that fetches them
+    page.locator("#ff-compare").get_by_label("none", exact=True).uncheck()
+    page.locator("#ff-compare").get_by_label("fastface", exact=True).uncheck()
+    page.locator("#ff-backbone input").click()
+    page.get_by_role("option", name="hyper-4", exact=True).click()
+    page.locator("#ff-generate").click()
+    error = page.locator("#ff-error")
+    expect(error).to_contain_text("Error: missing model weights:")
+    expect(error).to_contain_text("huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0")
+    _shot(page, tmp_path_factory, "5-missing-weights")
+    page.locator("#ff-backbone input").click()
+    page.get_by_role("option", name="tiny", exact=True).click()
+
     # a photo of a cat: one readable message, no traceback
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
     cat = tmp_path / "cat.jpg"
     Image.fromarray(skimage_data.chelsea()).save(cat)
+    page.reload(wait_until="domcontentloaded")  # a new session: the cat is the only photo
     _upload(page, cat)
     status = page.locator("#ff-status")
     expect(status).to_have_text("Error: no face found in cat.jpg; use a photo with a clearly visible face")
     assert "Traceback" not in page.content()
-    _shot(page, tmp_path_factory, "5-cat")
+    _shot(page, tmp_path_factory, "6-cat")

@@ -115,8 +115,6 @@ class FastFaceUI:
                   am_power, ip_scale, steps, size, progress):
         from .commands import licence_line
 
-        if not identity_id:
-            raise RequestError("photos", "upload a photo with a face first")
         if not (prompt or "").strip():
             raise RequestError("prompt", "write a prompt")
         methods = list(compare_methods) if compare_methods else [method]
@@ -130,7 +128,6 @@ class FastFaceUI:
             ip_scale=float(ip_scale), steps=_optional(int(steps or 0)),
             height=_optional(int(size or 0)), width=_optional(int(size or 0)),
         )
-        record = self.engine.identity(identity_id)
         runs = []
         first_seed = None
         for b in backbones:
@@ -143,6 +140,10 @@ class FastFaceUI:
                 runs.append((f"{b} · {m}", valid))
         if not runs:
             raise RequestError("method", "choose at least one method")
+        # After the models: missing weights are said first, whatever the state of the photos.
+        if not identity_id:
+            raise RequestError("photos", "upload a photo with a face first")
+        record = self.engine.identity(identity_id)
         identities = {}
         for _, valid in runs:
             if valid.face_backend not in identities and valid.face_backend is not None:
