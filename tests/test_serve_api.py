@@ -68,7 +68,9 @@ def _serving(client, identity_id) -> None:
 
 def test_sixteen_concurrent_clients_get_the_images_they_get_alone(server, client, identity_id):
     url, app = server
-    requests = [{"prompt": f"portrait number {i}, style {i % 3}", "seed": 1000 + 37 * i} for i in range(16)]
+    # Two batch keys (methods): compatible requests merge, the others wait for their own call.
+    requests = [{"prompt": f"portrait number {i}, style {i % 3}", "seed": 1000 + 37 * i,
+                 "method": "dcg" if i % 4 == 3 else "fastface"} for i in range(16)]
     before = app.state.batcher.stats()
 
     def call(fields):
@@ -90,6 +92,7 @@ def test_sixteen_concurrent_clients_get_the_images_they_get_alone(server, client
     for fields, [got], [ref] in zip(requests, together, alone):
         assert got["metadata"]["seed"] == ref["metadata"]["seed"] == fields["seed"]
         assert got["metadata"]["prompt"] == fields["prompt"]
+        assert got["metadata"]["method"] == ref["metadata"]["method"] == fields["method"]
         assert_same_image(image_of(got), image_of(ref))
     assert max(got[0]["metadata"]["batch"]["requests"] for got in together) > 1
     # seeds and prompts really change the picture: the equality above is not trivial
