@@ -145,7 +145,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_ui(args: argparse.Namespace) -> int:
     require("gradio", "ui", "ui")
+    from ..backbones import get_backbone
     from ..ui import launch
+
+    if args.backbone is not None:
+        get_backbone(args.backbone)
 
     device, dtype = _device(args)
     if not is_loopback(args.host):

@@ -370,8 +370,8 @@ class Engine:
     """Models loaded once per process, identities analysed once, and the one batched pipeline call.
 
     ``served``: the (backbone, adapter) pairs to serve (loaded by :meth:`preload`); None serves
-    any pair, each loaded on first use. ``fuse_loras``: merge the LoRAs into the UNet at
-    ``lora_scale`` 1 (faster; requests then cannot change ``lora_scale``).
+    any pair, each loaded on first use (the ``max_loaded`` newest kept). ``fuse_loras``: merge the
+    LoRAs into the UNet at ``lora_scale`` 1 (faster; requests then cannot change ``lora_scale``).
     """
 
     def __init__(
@@ -383,12 +383,14 @@ class Engine:
         dtype: Any = None,
         fuse_loras: bool = True,
         identities: Any = None,
+        max_loaded: int = 2,
     ) -> None:
         self.served = None if served is None else [(b, a) for b, a in served]
         self.limits = limits or ServeLimits()
         self.device = device
         self.dtype = dtype
         self.fuse_loras = fuse_loras
+        self.max_loaded = max_loaded
         self._pipelines: dict[tuple[str, str | None], Any] = {}
         self._load_lock = threading.Lock()
         self._face_lock = threading.Lock()
@@ -416,6 +418,9 @@ class Engine:
                 )
                 if self.fuse_loras and not pipe.cpu_offload:
                     pipe.fuse_loras(1.0)
+                if self.served is None and len(self._pipelines) >= self.max_loaded:
+                    # Serving any pair (the UI): keep the newest few; a running call keeps its own reference.
+                    self._pipelines.pop(next(iter(self._pipelines)))
                 self._pipelines[key] = pipe
             return pipe
 
