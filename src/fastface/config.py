@@ -251,7 +251,8 @@ class GenerationConfig:
     ``prompts`` may be empty for a configuration that is only loaded (the prompts come per call).
     ``seed``: the first image's seed (image i uses seed + i) or one seed per image. ``alpha``,
     ``beta``, ``rescale``, ``rescale_on``, ``decomposition`` override the method's guidance;
-    ``attention`` its attention manipulation (None: off; unset: the preset's). ``loras``: extra
+    ``attention`` its attention manipulation (None: off; unset: the preset's). ``adapter_options``:
+    the adapter's own per-call options (name -> value; e.g. a pose photo), given to its ``encode``. ``loras``: extra
     style LoRAs as (path, weight). ``device``/``dtype``: "auto" or a name. Memory options: ``vae``,
     ``vae_tiling``, ``cpu_offload``; ``fuse_loras`` merges the LoRAs into the UNet once.
     """
@@ -275,6 +276,7 @@ class GenerationConfig:
     decomposition: str | None = None
     attention: Any = FROM_METHOD
     identity_mode: str = "mean"
+    adapter_options: tuple[tuple[str, Any], ...] = ()
     face_backend: str | None = None
     base_model: str | None = None
     adapter_path: str | None = None
@@ -300,6 +302,8 @@ class GenerationConfig:
             object.__setattr__(self, "loras", tuple(tuple(x) for x in self.loras))
         if self.adapter == "none":
             object.__setattr__(self, "adapter", None)
+        if isinstance(self.adapter_options, Mapping):
+            object.__setattr__(self, "adapter_options", tuple(sorted(self.adapter_options.items())))
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return replace(self, **changes)
@@ -352,6 +356,12 @@ class GenerationConfig:
         if not (isinstance(device, str) and DEVICE_PATTERN.match(device)):
             raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
         check_dtype(self.dtype)
+        if self.adapter_options:
+            if adapter is None:
+                raise ConfigError("adapter_options given, but no adapter is used")
+            from .adapters.base import check_options
+
+            check_options(adapter.name, dict(self.adapter_options), tuple(adapter.options))
         for path, weight in self.loras:
             check_number(weight, f"weight of LoRA {path!r}")
 
@@ -411,6 +421,7 @@ class GenerationConfig:
             "ip_scale": self.ip_scale,
             "lora_scale": self.lora_scale,
             "identity_mode": self.identity_mode,
+            "adapter_options": dict(self.adapter_options),
             "limits": self.limits,
         }
 

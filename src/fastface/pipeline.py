@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,18 +270,18 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
         )
 
     def encode_identity(
-        self, face: Any, *, mode: str = "mean", backend: str | None = None
+        self, face: Any, *, mode: str = "mean", backend: str | None = None, **options: Any
     ) -> IdentityConditioning:
         """Identity conditioning (tokens for I and ∅, adapter extras) for ``face``; reusable across calls.
 
         ``face``: an :class:`Identity`, an embedding array/tensor (D,) or (n, D), a ``.npy`` /
         ``.safetensors`` embedding file, or face photo path(s) (analysed with ``backend``, by default
-        the adapter's face backend).
+        the adapter's face backend). ``options``: the adapter's own options (e.g. a pose photo).
         """
         if self.adapter is None:
             raise ConfigError("this pipeline has no identity adapter (adapter=None)")
         identity = as_identity(face, backend or self.adapter.spec.face_backend or "dlib")
-        return self.adapter.encode(identity, mode=mode)
+        return self.adapter.encode(identity, mode=mode, **options)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -343,13 +343,15 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
         identity_mode: str = "mean",
         callback: Callable[[int, torch.Tensor], None] | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        adapter_options: Mapping[str, Any] | None = None,
     ) -> GenerationResult:
         """Generate ``len(prompts) × num_images_per_prompt`` images of ``face``.
 
         Image i uses seed ``seed + i`` (or ``seed[i]``) and equals that seed generated alone.
         ``method`` names a preset (``fastface``, ``fastface-softmask``, ``dcg``, ``am``, ``none``);
         ``guidance``/``attention`` override its parts (``attention=None`` switches AM off).
-        ``callback(k, latents)`` runs after each step k. Values are checked as
+        ``callback(k, latents)`` runs after each step k. ``adapter_options`` go to the adapter's
+        ``encode`` (e.g. InstantID's pose photo). Values are checked as
         :meth:`GenerationConfig.validate` checks them (``limits``: the upper bounds). Calls on one
         pipeline from several threads run one after the other.
         """
@@ -362,7 +364,7 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
             )
             clock.mark("identity")
             # 2. identity conditioning: once per call (or reused from the caller)
-            conditioning = self._identity_conditioning(face, identity_tokens, identity_mode)
+            conditioning = self._identity_conditioning(face, identity_tokens, identity_mode, adapter_options or {})
             clock.mark("prompt")
             # 3. text conditions
             embeds = self._prompt_embeds(prompt, negative_prompt, prompt_embeds)
@@ -407,7 +409,7 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
         return self.sdxl.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
     def _identity_conditioning(
-        self, face: Any, given: IdentityConditioning | None, mode: str
+        self, face: Any, given: IdentityConditioning | None, mode: str, options: Mapping[str, Any]
     ) -> IdentityConditioning | None:
         if self.adapter is None:
             if face is not None or given is not None:
@@ -424,7 +426,7 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
             return given
         if face is None:
             raise InputError(f"the {self.adapter.spec.name} adapter needs a face: a photo, an embedding or an Identity")
-        return self.encode_identity(face, mode=mode)
+        return self.encode_identity(face, mode=mode, **options)
 
     def _prompt_embeds(self, prompt: Any, negative_prompt: Any, given: PromptEmbeds | None) -> PromptEmbeds:
         if given is None:

@@ -76,6 +76,7 @@ class AdapterSpec:
     description: str = ""
     presets_tuned: bool = True  # False: the method presets were tuned on another adapter
     extra_files: tuple[RequiredFile, ...] = ()  # beyond the checkpoint and the image encoder
+    # Per-call options the adapter's encode() accepts, with their defaults (checked before loading).
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def adapter_class(self) -> type[IdentityAdapter]:
@@ -158,6 +159,10 @@ class UNetCall:
 class IdentityAdapter(ABC):
     """An identity adapter loaded into one SDXL pipeline (see the module docstring for the contract)."""
 
+    # True for adapters whose branch_extras adds UNet inputs (e.g. a ControlNet): the loop then
+    # calls it at every step; otherwise the loop does not even build the UNetCall.
+    uses_branch_extras: bool = False
+
     def __init__(self, spec: AdapterSpec, checkpoint: Path) -> None:
         self.spec = spec
         self.checkpoint = checkpoint
@@ -181,8 +186,13 @@ class IdentityAdapter(ABC):
         """
 
     @abstractmethod
-    def encode(self, identity: Identity, mode: str = "mean") -> IdentityConditioning:
-        """Tokens for ``identity`` and for the null identity; ``mode``: "mean" or "concat" photos."""
+    def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
+        """Tokens for ``identity`` and for the null identity; ``mode``: "mean" or "concat" photos.
+
+        ``options``: adapter-specific per-call options (e.g. a pose photo, a ControlNet scale),
+        from ``FastFacePipeline(..., adapter_options=...)``; refuse unknown ones with
+        :func:`check_options`.
+        """
 
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:
@@ -256,7 +266,10 @@ class IdentityAdapter(ABC):
         return {CONTEXT_KEY: context}
 
     def branch_extras(self, call: UNetCall) -> dict[str, Any]:
-        """Extra UNet keyword arguments for one batched call (e.g. ControlNet residuals); none here."""
+        """Extra UNet keyword arguments for one batched call (e.g. ControlNet residuals); none here.
+
+        Called only when :attr:`uses_branch_extras` is True.
+        """
         return {}
 
     def extra_evaluations(self, conditions: Sequence[tuple[bool, bool]], count: int) -> dict[str, int]:
@@ -275,6 +288,14 @@ class IdentityAdapter(ABC):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by adapters
+
+
+def check_options(adapter: str, options: Mapping[str, Any], allowed: Sequence[str] = ()) -> None:
+    """Refuse adapter options this adapter does not know (one line naming the known ones)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = f"; it knows: {', '.join(allowed)}" if allowed else "; it takes none"
+        raise ConfigError(f"unknown option(s) for the {adapter} adapter: {', '.join(unknown)}{known}")
 
 
 def check_mode(mode: str) -> None:

@@ -34,6 +34,7 @@ from .base import (
     IdentityAdapter,
     IdentityConditioning,
     check_mode,
+    check_options,
     checkpoint_path,
     identity_info,
     image_encoder_path,
@@ -162,7 +163,7 @@ class FaceIDAdapter(IdentityAdapter):
 
     # -- identity tokens -----------------------------------------------------------------------
 
-    def encode(self, identity: Identity, mode: str = "mean") -> IdentityConditioning:
+    def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
         """Identity tokens for ``identity`` and for the null identity (zero embedding).
 
         ``mode="mean"``: one token set (4 tokens) from the normalised mean embedding (and, for
@@ -171,6 +172,7 @@ class FaceIDAdapter(IdentityAdapter):
         """
         import torch
 
+        check_options(self.spec.name, options)
         check_mode(mode)
         self.check_identity(identity)
         param = next(self.projection.parameters())
