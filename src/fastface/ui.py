@@ -215,7 +215,7 @@ def build_ui(engine: Engine, batcher: Any, *, default_backbone: str = "tiny", ou
 
     from .adapters import ADAPTERS
     from .backbones import BACKBONES
-    from .presets import DEFAULT_METHOD, METHODS
+    from .presets import DEFAULT_IP_SCALE, DEFAULT_METHOD, METHODS
 
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="fastface-ui-"))
     ui = FastFaceUI(engine, batcher, default_backbone=default_backbone, out_dir=out_dir)
@@ -262,7 +262,7 @@ def build_ui(engine: Engine, batcher: Any, *, default_backbone: str = "tiny", ou
                         am_up = gr.Number(value=None, label="AM scale, up blocks")
                         am_power = gr.Number(value=None, label="AM power")
                     with gr.Row():
-                        ip_scale = gr.Slider(0, 2, value=0.8, step=0.05, label="Adapter scale λ")
+                        ip_scale = gr.Slider(0, 2, value=DEFAULT_IP_SCALE, step=0.05, label="Adapter scale λ")
                         steps = gr.Number(value=None, precision=0, label="Steps (empty: backbone default)")
                         size = gr.Number(value=None, precision=0, label="Size in px (empty: backbone default)")
                 run = gr.Button("Generate", variant="primary", elem_id="ff-generate")

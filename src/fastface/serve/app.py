@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import FastFaceError
+from ..presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE, DEFAULT_METHOD
 from .batching import Closed, MicroBatcher, QueueFull
 from .engine import (
     ID_PATTERN,
@@ -68,14 +69,14 @@ class GenerateBody(BaseModel):
     select: str | int = Field("largest", description="which face of a photo: largest, confidence or an index")
     backbone: str | None = Field(None, description="default: the first served backbone")
     adapter: str | None = None
-    method: str = "fastface"
+    method: str = DEFAULT_METHOD
     steps: int | None = None
     height: int | None = None
     width: int | None = None
     num_images: int = Field(1, description="images per prompt")
     seed: int | None = Field(0, description="seed of the first image (image i: seed+i); null = random")
-    ip_scale: float = 0.8
-    lora_scale: float = 1.0
+    ip_scale: float = DEFAULT_IP_SCALE
+    lora_scale: float = DEFAULT_LORA_SCALE
     alpha: float | list[float] | None = None
     beta: float | list[float] | None = None
     rescale: float | None = None

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, FastFaceError, InputError, MissingWeightsError, NoFaceError
+from ..presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE, DEFAULT_METHOD
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 # Words of library messages that name a request field ("steps must be …", "unknown backbone …").
@@ -92,14 +93,14 @@ class GenerationRequest:
     negative_prompt: str | None = None
     backbone: str | None = None
     adapter: str | None = None
-    method: str = "fastface"
+    method: str = DEFAULT_METHOD
     steps: int | None = None
     height: int | None = None
     width: int | None = None
     num_images: int = 1
     seed: int | None = 0  # None: a random seed (returned in the metadata)
-    ip_scale: float = 0.8
-    lora_scale: float = 1.0
+    ip_scale: float = DEFAULT_IP_SCALE
+    lora_scale: float = DEFAULT_LORA_SCALE
     alpha: float | tuple[float, ...] | None = None
     beta: float | tuple[float, ...] | None = None
     rescale: float | None = None
