@@ -61,9 +61,9 @@ def _generate(client, identity_id, **fields):
 
 
 def _serving(client, identity_id) -> None:
-    assert client.get("/healthz").status_code == 200
-    response = _generate(client, identity_id, seed=5)
-    assert response.status_code == 200, response.text
+    """The server still answers; it still generates is checked once, after every refusal (last test)."""
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/v1/presets").status_code == 200
 
 
 def test_sixteen_concurrent_clients_get_the_images_they_get_alone(server, client, identity_id):
@@ -259,3 +259,11 @@ def _env() -> dict[str, str]:
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_still_generates_after_every_refusal(server, client, identity_id):
+    _, app = server
+    response = _generate(client, identity_id, seed=5)
+    assert response.status_code == 200, response.text
+    assert response.json()["images"][0]["metadata"]["seed"] == 5
+    assert app.state.batcher.stats()["queue_images"] == 0
