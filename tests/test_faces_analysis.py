@@ -209,6 +209,12 @@ def test_second_run_hits_the_cache(astronaut, tmp_path):
     assert (cache.hits, backend.detect_calls) == (2, 2)
     assert np.array_equal(first.embeddings, second.embeddings)
     assert np.array_equal(first.keypoints[1], second.keypoints[1])
+    # dlib exposes its raw descriptor: kept (as embedding × norm) through the cache
+    assert first.raw_embeddings is not None and np.array_equal(first.raw_embeddings, second.raw_embeddings)
+    img = np.asarray(Image.open(paths[0]).convert("RGB"))
+    face = backend.detect(img)[0]
+    np.testing.assert_allclose(first.raw_embeddings[0], backend.embed_raw(img, face), rtol=1e-5, atol=1e-6)
+    assert first.image_sizes[0] == (img.shape[1], img.shape[0])
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
     other = EmbeddingCache(tmp_path / "cache")
     build_identity(paths[0], backend, select=0, cache=other, progress=False)  # another key: recomputed

@@ -121,7 +121,16 @@ def _analyze_array(img: np.ndarray, be: FaceBackend, select: str | int, name: st
     if not faces:
         raise NoFaceError(f"no face found in {name}")
     _, face = choose_face(faces, select, name)
-    face.embedding = np.asarray(be.embed(img, face), dtype=np.float32)
+    embed_raw = getattr(be, "embed_raw", None)
+    if embed_raw is None:
+        face.embedding = np.asarray(be.embed(img, face), dtype=np.float32)
+        return face
+    # The same normalisation as the backends' embed(), keeping the norm for adapters that read the raw
+    # vector (InstantID, FaceID-Portrait _unnorm).
+    raw = np.asarray(embed_raw(img, face), dtype=np.float32)
+    norm = float(np.linalg.norm(raw))
+    face.embedding = (raw / max(norm, 1e-12)).astype(np.float32)
+    face.embedding_norm = norm
     return face
 
 
@@ -179,7 +188,7 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
     reject = reject_default if reject_threshold is None else float(reject_threshold)
     reject = min(reject, flag)
 
-    names, embeddings, crops, keypoints = [], [], [], []
+    names, embeddings, crops, keypoints, norms, sizes = [], [], [], [], [], []
     iterator: Iterable[ImageSource] = srcs
     if progress and len(srcs) > 1:
         from tqdm.auto import tqdm
@@ -200,9 +209,14 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
         embeddings.append(face.embedding)
         crops.append(align_crop(img, face.keypoints, 224))
         keypoints.append(face.keypoints.astype(np.float32))
+        norms.append(face.embedding_norm)
+        sizes.append((int(img.shape[1]), int(img.shape[0])))
 
     rows = np.stack(embeddings).astype(np.float32)
     rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    raw = None
+    if all(n is not None for n in norms):
+        raw = (rows * np.asarray(norms, dtype=np.float32)[:, None]).astype(np.float32)
     sims = leave_one_out_similarities(rows) if len(rows) > 1 else np.ones(1)
     if len(rows) > 1:
         worst = int(np.argmin(sims))
@@ -220,7 +234,7 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
     mean /= max(float(np.linalg.norm(mean)), 1e-12)
     return Identity(embedding=mean.astype(np.float32), embeddings=rows, backend=be.name, model=be.model_id,
                     crops=crops, keypoints=keypoints, sources=names, outliers=outliers,
-                    similarities=[float(s) for s in sims])
+                    similarities=[float(s) for s in sims], raw_embeddings=raw, image_sizes=sizes)
 
 
 def describe_name(name: str) -> str:
