@@ -271,3 +271,13 @@ def test_dlib_cnn_detector_with_five_point_landmarks(dlib_backend, astronaut):
     eye_distance = float(np.linalg.norm(reference.keypoints[1] - reference.keypoints[0]))
     assert np.abs(face.keypoints[3:] - reference.keypoints[3:]).max() < 0.5 * eye_distance
     assert float(face.embedding @ reference.embedding) > 0.97
+
+
+def test_pose_from_photo_gives_keypoints_and_size(dlib_backend, astronaut):
+    from fastface.faces import pose_from_photo
+
+    pose = pose_from_photo(astronaut, dlib_backend)
+    assert pose.size == (astronaut.shape[1], astronaut.shape[0])
+    np.testing.assert_allclose(pose.keypoints, analyze(astronaut, dlib_backend).keypoints)
+    with pytest.raises(NoFaceError, match="pose photo"):
+        pose_from_photo(skimage.data.chelsea(), dlib_backend)

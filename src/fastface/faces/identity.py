@@ -16,7 +16,7 @@ from .align import align_crop
 from .base import FaceBackend
 from .cache import EmbeddingCache, image_digest
 from .io import ImageSource, describe, detection_scale, load_image, pad, resize
-from .types import Face, Identity
+from .types import Face, Identity, Pose
 
 DEFAULT_DET_SIZES = (640, 480, 320)  # retried in turn by backends with a fixed-size detector (SCRFD)
 PAD_RATIO = 0.35  # border added on each side for the last retry (face filling the frame)
@@ -114,6 +114,19 @@ def analyze(image: ImageSource, backend: str | FaceBackend = "dlib", select: str
     name = describe(image)
     img = load_image(image)
     return _analyze_array(img, be, select, name)
+
+
+def pose_from_photo(image: ImageSource, backend: str | FaceBackend = "dlib", select: str | int = "largest") -> Pose:
+    """The five keypoints of the chosen face of a photo, with the photo's size (InstantID's ``--pose``)."""
+    be = resolve_backend(backend)
+    name = describe(image)
+    img = load_image(image)
+    faces = detect_faces(img, be)
+    if not faces:
+        raise NoFaceError(f"no face found in the pose photo {name}")
+    _, face = choose_face(faces, select, name)
+    return Pose(keypoints=face.keypoints.astype(np.float32), size=(int(img.shape[1]), int(img.shape[0])),
+                source=str(image) if isinstance(image, (str, Path)) else name)
 
 
 def _analyze_array(img: np.ndarray, be: FaceBackend, select: str | int, name: str) -> Face:

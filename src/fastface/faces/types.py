@@ -39,6 +39,15 @@ class Face:
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
 
+@dataclass(frozen=True)
+class Pose:
+    """Five face keypoints and the size of the photo they come from (InstantID's pose control)."""
+
+    keypoints: np.ndarray  # (5, 2) float32, KEYPOINT_NAMES order, pixel coordinates of the photo
+    size: tuple[int, int]  # (width, height) of the photo
+    source: str = ""
+
+
 @dataclass
 class Identity:
     """What the engine needs to know about one person.
