@@ -65,6 +65,7 @@ def write_inputs(folder: Path) -> dict[str, Any]:
         second = np.asarray(Image.open(fh).convert("RGB"))
     identity = build_identity([photo, second], "dlib", cache=False, progress=False, outlier_threshold=-1.0,
                               reject_threshold=-1.0)
+    one = build_identity([photo], "dlib", cache=False, progress=False)
     unet = UNet2DConditionModel.from_pretrained(sdxl / "backbone" / "unet")
     clip_hidden = json.loads((sdxl / "image_encoder" / "config.json").read_text())["hidden_size"]
     dim = identity.dim
@@ -76,12 +77,15 @@ def write_inputs(folder: Path) -> dict[str, Any]:
     }
     paths = {}
     for name, state in files.items():
-        paths[name] = str(folder / f"{name}.bin")
+        paths[name] = str(folder / name / f"{name}.bin")
+        Path(paths[name]).parent.mkdir()
         torch.save(state, paths[name])
-    controlnet = folder / "ControlNetModel"
+    # InstantID's layout: ip-adapter.bin with ControlNetModel/ beside it
+    controlnet = folder / "instantid" / "ControlNetModel"
     ta.identitynet(unet).save_pretrained(controlnet, safe_serialization=True)
     inputs = {
         "backbone": str(sdxl / "backbone"),
+        "distill_lora": str(sdxl / "tiny-distill-lora.safetensors"),
         "image_encoder": str(sdxl / "image_encoder"),
         "checkpoints": paths,
         "controlnet": str(controlnet),
@@ -92,7 +96,7 @@ def write_inputs(folder: Path) -> dict[str, Any]:
         "keypoints": identity.keypoints[0],
     }
     torch.save(inputs, folder / "inputs.pt")
-    return {"identity": identity, **inputs}
+    return {"identity": identity, "one": one, **inputs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,19 +129,30 @@ def _official(adapter: str, mode: str, folder: Path) -> Any:
     common = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=guidance,
                   output_type="latent", height=SIZE, width=SIZE)
     ckpt = inputs["checkpoints"][adapter]
+
+    def tiny_backbone(pipe):
+        # FastFace's "tiny" backbone: the tiny SDXL + its distillation LoRA, Euler with trailing spacing.
+        from diffusers import EulerDiscreteScheduler
+
+        pipe.load_lora_weights(inputs["distill_lora"], adapter_name="distill")
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     if adapter == "instantid":
         from diffusers import ControlNetModel
         from pipeline_stable_diffusion_xl_instantid import StableDiffusionXLInstantIDPipeline, draw_kps
 
         controlnet = ControlNetModel.from_pretrained(inputs["controlnet"])
-        pipe = StableDiffusionXLInstantIDPipeline.from_pretrained(inputs["backbone"], controlnet=controlnet)
+        pipe = tiny_backbone(StableDiffusionXLInstantIDPipeline.from_pretrained(inputs["backbone"],
+                                                                                controlnet=controlnet))
         pipe.load_ip_adapter_instantid(ckpt, image_emb_dim=inputs["raw_embeddings"].shape[1])
         kps_image = draw_kps(Image.fromarray(inputs["photo"]), inputs["keypoints"])
         out = pipe(image_embeds=inputs["raw_embeddings"][0], image=kps_image,
                    controlnet_conditioning_scale=CONTROLNET_SCALE, ip_adapter_scale=IP_SCALE,
                    generator=torch.Generator().manual_seed(SEED), **common)
         return {"latents": out.images, "kps": np.asarray(kps_image)}
-    pipe = StableDiffusionXLPipeline.from_pretrained(inputs["backbone"])
+    pipe = tiny_backbone(StableDiffusionXLPipeline.from_pretrained(inputs["backbone"]))
     if adapter == "plus-face":
         from transformers import CLIPImageProcessor
 
@@ -227,10 +242,25 @@ def _official_entry(adapter: str, mode: str, folder: str, out: str) -> None:
 
 
 def run_fastface(adapter: str, mode: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """FastFace's final latents for the same inputs (method none; CFG = plain decoupled CFG at 5)."""
-    from fastface.conformance_support import fastface_latents  # noqa: PLC0415 - filled in phase 2
+    """FastFace's final latents for the same inputs: method none, and for CFG 5 the constant
+    α = β = 5 without rescale (= stock CFG), with the same negative prompt."""
+    import torch
 
-    return fastface_latents(adapter, mode, inputs)
+    from fastface.guidance import GuidanceConfig
+    from fastface.pipeline import FastFacePipeline
+
+    pipe = FastFacePipeline.from_pretrained("tiny", adapter, adapter_path=inputs["checkpoints"][adapter], device="cpu",
+                                            dtype=torch.float32)
+    identity = inputs["identity"] if adapter.startswith("faceid-portrait") else inputs["one"]
+    guidance = GuidanceConfig(alpha=MODES[mode], beta=MODES[mode], rescale=0.0)
+    options = {"controlnet_scale": CONTROLNET_SCALE} if adapter == "instantid" else {}
+    result = pipe(PROMPT, identity, method="none", guidance=guidance, negative_prompt=NEGATIVE, ip_scale=IP_SCALE,
+                  steps=STEPS, height=SIZE, width=SIZE, seed=SEED, output_type="latent", progress=False, **options)
+    out = {"latents": result.latents}
+    if adapter == "instantid":
+        conditioning = pipe.encode_identity(identity)
+        out["kps"] = conditioning.extras["keypoint_image"]
+    return out
 
 
 def relative(a: Any, b: Any) -> float:
