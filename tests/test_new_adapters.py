@@ -162,10 +162,12 @@ def test_portrait_equals_stock_diffusers(tiny_dir, pipes, name):
     file = tiny_adapters.PORTRAIT_FILE if name == "faceid-portrait" else tiny_adapters.PORTRAIT_UNNORM_FILE
     stock = _stock(tiny_dir, file)
     vector = torch.from_numpy(identity.embeddings if name == "faceid-portrait" else identity.raw_embeddings)
+    # diffusers' image embeds: (batch, images, D) for the MLP, (batch, images, tokens, D) for a Resampler
+    shape = (-1, 1, 128) if name == "faceid-portrait" else (-1, 1, 1, 128)
     ours = _latents(pipes[name], identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE)
-    _close(ours, _stock_latents(stock, vector.view(1, 1, -1), 1.0, 0.8))
+    _close(ours, _stock_latents(stock, vector.view(shape), 1.0, 0.8))
     ours_cfg = _latents(pipes[name], identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, guidance=CFG5)
-    both = torch.stack([torch.zeros_like(vector), vector]).view(2, 1, -1)
+    both = torch.stack([torch.zeros_like(vector), vector]).view(shape)
     _close(ours_cfg, _stock_latents(stock, both, 5.0, 0.8))
 
 

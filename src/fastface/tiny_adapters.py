@@ -1,8 +1,9 @@
 """Tiny random-weight checkpoints of IP-Adapter Plus-Face, FaceID-Portrait and InstantID.
 
 Each is written in the key layout of the published file, sized for the tiny SDXL of
-:mod:`fastface.testing` (cross-attention width 64, 128-d dlib embeddings, the tiny CLIP image
-encoder), so that the real loading code runs on them:
+:mod:`fastface.tiny` (cross-attention width 64, 128-d dlib embeddings, the tiny CLIP image
+encoder), so that the real loading code runs on them; :func:`write_tiny_adapters` puts them in the
+tiny model folder:
 
 - ``ip-adapter-plus-face_sdxl_vit-h.bin``: ``image_proj`` = the IP-Adapter ``Resampler``
   (``latents``, ``proj_in``, ``layers.{i}.0`` perceiver attention with ``norm1``/``norm2``/
@@ -25,14 +26,9 @@ take the sizes as arguments.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-TINY_ADAPTERS_VERSION = "1"
 RESAMPLER_DIM = 128
 RESAMPLER_DEPTH = 4
 NUM_TOKENS = 16
@@ -43,31 +39,6 @@ PORTRAIT_UNNORM_FILE = "ip-adapter-faceid-portrait_sdxl_unnorm.bin"
 INSTANTID_DIR = "instantid"
 INSTANTID_FILE = "ip-adapter.bin"
 CONTROLNET_DIR = "ControlNetModel"
-
-
-def tiny_adapter_dir(root: str | os.PathLike | None = None) -> Path:
-    """The folder of tiny new-adapter checkpoints beside the tiny SDXL (built once, then reused)."""
-    from .testing import TINY_VERSION, default_cache_root, tiny_model_dir
-
-    base = Path(root).expanduser() if root is not None else default_cache_root()
-    target = base / f"tiny-adapters-v{TINY_ADAPTERS_VERSION}-sdxl-v{TINY_VERSION}"
-    if (target / "COMPLETE").is_file():
-        return target
-    sdxl = tiny_model_dir(root)
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-adapters-", dir=base))
-    try:
-        _build(staging, sdxl)
-        (staging / "COMPLETE").write_text(TINY_ADAPTERS_VERSION)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "COMPLETE").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,17 +177,13 @@ def identitynet(unet: Any, seed: int = 15) -> Any:
     return controlnet
 
 
-def _build(folder: Path, sdxl: Path) -> None:
+def write_tiny_adapters(folder: Path, unet: Any, clip_hidden: int, embedding_dim: int) -> None:
+    """Write the four tiny checkpoints and the tiny IdentityNet into ``folder`` (the tiny model folder)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from .testing import TINY_EMBEDDING_DIM
-
-    unet = UNet2DConditionModel.from_pretrained(sdxl / "backbone" / "unet")
-    clip_hidden = int(json.loads((sdxl / "image_encoder" / "config.json").read_text())["hidden_size"])
     torch.save(plus_face_checkpoint(unet, clip_hidden), folder / PLUS_FACE_FILE)
-    torch.save(portrait_checkpoint(unet, TINY_EMBEDDING_DIM), folder / PORTRAIT_FILE)
-    torch.save(portrait_checkpoint(unet, TINY_EMBEDDING_DIM, unnorm=True), folder / PORTRAIT_UNNORM_FILE)
-    (folder / INSTANTID_DIR).mkdir()
-    torch.save(instantid_checkpoint(unet, TINY_EMBEDDING_DIM), folder / INSTANTID_DIR / INSTANTID_FILE)
+    torch.save(portrait_checkpoint(unet, embedding_dim), folder / PORTRAIT_FILE)
+    torch.save(portrait_checkpoint(unet, embedding_dim, unnorm=True), folder / PORTRAIT_UNNORM_FILE)
+    (folder / INSTANTID_DIR).mkdir(exist_ok=True)
+    torch.save(instantid_checkpoint(unet, embedding_dim), folder / INSTANTID_DIR / INSTANTID_FILE)
     identitynet(unet).save_pretrained(folder / INSTANTID_DIR / CONTROLNET_DIR, safe_serialization=True)

@@ -23,7 +23,8 @@ Pose control: the keypoints may come from another photo than the identity (``pos
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,9 @@ def controlnet_folder(spec: AdapterSpec, checkpoint: Path) -> Path:
 class InstantIDAdapter(IdentityAdapter):
     """InstantID loaded into one SDXL pipeline: the Resampler and the IdentityNet ControlNet."""
 
+    uses_pose = True
+    call_options = ("controlnet_scale",)
+
     def __init__(self, spec: AdapterSpec, projection: torch.nn.Module, checkpoint: Path, controlnet: torch.nn.Module,
                  controlnet_path: Path, embedding_dim: int, tokens: int) -> None:
         super().__init__(spec, checkpoint)
@@ -109,10 +113,10 @@ class InstantIDAdapter(IdentityAdapter):
 
     @classmethod
     def tiny_spec(cls, spec: AdapterSpec) -> AdapterSpec:
-        from .. import tiny_adapters
+        from .. import tiny, tiny_adapters
 
         return tiny_variant(spec, weight_name=f"{tiny_adapters.INSTANTID_DIR}/{tiny_adapters.INSTANTID_FILE}",
-                            embedding_dim=tiny_adapters.TINY_EMBEDDING_DIM, face_backend="dlib")
+                            embedding_dim=tiny.TINY_EMBEDDING_DIM, face_backend="dlib")
 
     @property
     def embedding_dim(self) -> int:
@@ -168,17 +172,24 @@ class InstantIDAdapter(IdentityAdapter):
         return IdentityConditioning(cond=cond, null=null, info=MappingProxyType(info),
                                     extras=MappingProxyType(extras))
 
-    def control_image(self, conditioning: IdentityConditioning, height: int, width: int) -> torch.Tensor:
-        """The (1, 3, height, width) IdentityNet input on the ControlNet's device and dtype."""
+    def prepare_call(
+        self, conditioning: IdentityConditioning, *, height: int, width: int, options: Mapping[str, Any]
+    ) -> IdentityConditioning:
+        """Adds the (1, 3, height, width) IdentityNet input (on its device) and the ControlNet scale."""
         from ..keypoint_image import control_tensor
 
         param = next(self.controlnet.parameters())
-        return control_tensor(conditioning.extras["keypoint_image"], height, width).to(param.device, param.dtype)
+        image = control_tensor(conditioning.extras["keypoint_image"], height, width).to(param.device, param.dtype)
+        scale = float(options.get("controlnet_scale", self.spec.options.get("controlnet_scale",
+                                                                            DEFAULT_CONTROLNET_SCALE)))
+        extras = {**conditioning.extras, "control_image": image, "controlnet_scale": scale}
+        info = {**conditioning.info, "controlnet_scale": scale}
+        return replace(conditioning, extras=MappingProxyType(extras), info=MappingProxyType(info))
 
     def branch_extras(self, call: UNetCall) -> dict[str, Any]:
         """IdentityNet residuals for every row of the batched call, with that row's identity tokens."""
-        control = call.extras["control_image"]
-        scale = call.extras.get("controlnet_scale", DEFAULT_CONTROLNET_SCALE)
+        control = call.conditioning.extras["control_image"]
+        scale = call.conditioning.extras["controlnet_scale"]
         rows = call.sample.shape[0]
         down, mid = self.controlnet(
             call.sample,

@@ -92,10 +92,10 @@ class PortraitAdapter(IdentityAdapter):
 
     @classmethod
     def tiny_spec(cls, spec: AdapterSpec) -> AdapterSpec:
-        from .. import tiny_adapters
+        from .. import tiny, tiny_adapters
 
         name = tiny_adapters.PORTRAIT_UNNORM_FILE if spec.name.endswith("unnorm") else tiny_adapters.PORTRAIT_FILE
-        return tiny_variant(spec, weight_name=name, embedding_dim=tiny_adapters.TINY_EMBEDDING_DIM,
+        return tiny_variant(spec, weight_name=name, embedding_dim=tiny.TINY_EMBEDDING_DIM,
                             face_backend="dlib")
 
     @property
