@@ -253,9 +253,10 @@ def run_fastface(adapter: str, mode: str, inputs: dict[str, Any]) -> dict[str, A
                                             dtype=torch.float32)
     identity = inputs["identity"] if adapter.startswith("faceid-portrait") else inputs["one"]
     guidance = GuidanceConfig(alpha=MODES[mode], beta=MODES[mode], rescale=0.0)
-    options = {"controlnet_scale": CONTROLNET_SCALE} if adapter == "instantid" else {}
+    options = {"controlnet_scale": CONTROLNET_SCALE} if adapter == "instantid" else None
     result = pipe(PROMPT, identity, method="none", guidance=guidance, negative_prompt=NEGATIVE, ip_scale=IP_SCALE,
-                  steps=STEPS, height=SIZE, width=SIZE, seed=SEED, output_type="latent", progress=False, **options)
+                  steps=STEPS, height=SIZE, width=SIZE, seed=SEED, output_type="latent", progress=False,
+                  adapter_options=options)
     out = {"latents": result.latents}
     if adapter == "instantid":
         conditioning = pipe.encode_identity(identity)

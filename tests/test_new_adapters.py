@@ -218,13 +218,13 @@ def _reference_instantid(tiny_dir, identity: Identity, guidance: float, ip_scale
 def test_instantid_equals_its_sampling_written_with_diffusers(tiny_dir, pipes):
     identity = _identity()
     pipe = pipes["instantid"]
-    ours = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, controlnet_scale=0.8)
+    ours = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, adapter_options={"controlnet_scale": 0.8})
     _close(ours, _reference_instantid(tiny_dir, identity, 1.0, 0.8, 0.8))
     ours_cfg = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, guidance=CFG5,
-                        controlnet_scale=0.8)
+                        adapter_options={"controlnet_scale": 0.8})
     _close(ours_cfg, _reference_instantid(tiny_dir, identity, 5.0, 0.8, 0.8))
     # the IdentityNet matters: without it (scale 0) the result moves
-    off = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, controlnet_scale=0.0)
+    off = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, adapter_options={"controlnet_scale": 0.0})
     assert (off - ours).abs().max() > 1e-3
 
 
@@ -313,7 +313,7 @@ def test_pose_from_another_photo_changes_only_the_keypoints(pipes):
     assert not np.array_equal(posed.extras["keypoint_image"], plain.extras["keypoint_image"])
     np.testing.assert_array_equal(posed.extras["keypoint_image"], draw_keypoints(pose.keypoints, pose.size))
     a = _latents(pipe, identity, method="none")
-    b = _latents(pipe, identity, method="none", pose=pose)
+    b = _latents(pipe, identity, method="none", adapter_options={"pose": pose})
     assert (a - b).abs().max() > 1e-4
 
 

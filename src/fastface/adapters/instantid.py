@@ -23,7 +23,7 @@ Pose control: the keypoints may come from another photo than the identity (``pos
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..config import check_number
 from ..errors import InputError
 from ..hub import resolve_file
 from .base import (
@@ -40,6 +41,7 @@ from .base import (
     RequiredFile,
     UNetCall,
     check_mode,
+    check_options,
     checkpoint_path,
     identity_info,
     read_ip_adapter_checkpoint,
@@ -79,7 +81,8 @@ SPECS = (
             RequiredFile(INSTANTID_REPO, CONTROLNET_SUBFOLDER, "controlnet",
                          tuple(f"{CONTROLNET_SUBFOLDER}/{f}" for f in CONTROLNET_FILES)),
         ),
-        options=MappingProxyType({"controlnet_scale": DEFAULT_CONTROLNET_SCALE}),
+        # per-call options: the IdentityNet's residual scale, and keypoints from another photo
+        options=MappingProxyType({"controlnet_scale": DEFAULT_CONTROLNET_SCALE, "pose": None}),
     ),
 )
 
@@ -99,8 +102,6 @@ def controlnet_folder(spec: AdapterSpec, checkpoint: Path) -> Path:
 class InstantIDAdapter(IdentityAdapter):
     """InstantID loaded into one SDXL pipeline: the Resampler and the IdentityNet ControlNet."""
 
-    uses_pose = True
-    call_options = ("controlnet_scale",)
 
     def __init__(self, spec: AdapterSpec, projection: torch.nn.Module, checkpoint: Path, controlnet: torch.nn.Module,
                  controlnet_path: Path, embedding_dim: int, tokens: int) -> None:
@@ -136,25 +137,29 @@ class InstantIDAdapter(IdentityAdapter):
 
     # -- conditioning ------------------------------------------------------------------------------
 
-    def encode(self, identity: Identity, mode: str = "mean", pose: Any = None) -> IdentityConditioning:
-        """Resampler tokens of the raw embedding (∅: of a zero embedding) and the keypoint image.
+    def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
+        """Resampler tokens of the raw embedding (∅: of a zero embedding), the keypoint image, the scale.
 
-        ``pose``: keypoints from another photo — a :class:`~fastface.faces.types.Face`-like object
-        with ``keypoints`` (5, 2) and the photo's ``size`` (width, height), or an Identity (its
-        first photo's keypoints); default the identity's first photo.
+        Options: ``controlnet_scale`` (default 0.8) and ``pose`` — keypoints from another photo: a
+        :class:`~fastface.faces.types.Pose` or a photo (analysed with the adapter's face backend);
+        default the identity's first photo.
         """
         import torch
 
         from ..keypoint_image import draw_keypoints
 
         check_mode(mode)
+        check_options(self.spec.name, options, tuple(self.spec.options))
         self.check_identity(identity)
+        scale = check_number(options.get("controlnet_scale", DEFAULT_CONTROLNET_SCALE), "controlnet_scale",
+                             minimum=0.0)
+        pose = options.get("pose")
         if identity.raw_embeddings is None:
             raise InputError(
                 "InstantID needs the raw (un-normalised) antelopev2 embedding: pass face photos analysed with the "
                 "antelopev2 backend, or raw vectors"
             )
-        keypoints, size = _pose_of(pose if pose is not None else identity)
+        keypoints, size = _pose_of(identity) if pose is None else _pose_of(self._pose(pose))
         raw = np.asarray(identity.raw_embeddings, dtype=np.float32)
         rows = raw if mode == "concat" else raw.mean(axis=0, keepdims=True)
         param = next(self.projection.parameters())
@@ -167,24 +172,28 @@ class InstantIDAdapter(IdentityAdapter):
         cond = cond.reshape(1, -1, cond.shape[-1])
         null = null.repeat(count, 1, 1).reshape(1, -1, null.shape[-1])
         info = identity_info(self, identity, mode, int(cond.shape[1]))
-        info["pose"] = "identity" if pose is None else "separate photo"
-        extras = {"keypoint_image": draw_keypoints(keypoints, size)}
+        info["pose"] = "identity" if pose is None else getattr(pose, "source", None) or str(pose)
+        info["controlnet_scale"] = scale
+        extras = {"keypoint_image": draw_keypoints(keypoints, size), "controlnet_scale": scale}
         return IdentityConditioning(cond=cond, null=null, info=MappingProxyType(info),
                                     extras=MappingProxyType(extras))
 
-    def prepare_call(
-        self, conditioning: IdentityConditioning, *, height: int, width: int, options: Mapping[str, Any]
-    ) -> IdentityConditioning:
-        """Adds the (1, 3, height, width) IdentityNet input (on its device) and the ControlNet scale."""
+    def _pose(self, pose: Any) -> Any:
+        from ..faces.types import Pose
+
+        if isinstance(pose, Pose):
+            return pose
+        from ..faces import pose_from_photo
+
+        return pose_from_photo(pose, self.spec.face_backend or "antelopev2")
+
+    def prepare_call(self, conditioning: IdentityConditioning, *, height: int, width: int) -> IdentityConditioning:
+        """Adds the (1, 3, height, width) IdentityNet input, on the ControlNet's device and dtype."""
         from ..keypoint_image import control_tensor
 
         param = next(self.controlnet.parameters())
         image = control_tensor(conditioning.extras["keypoint_image"], height, width).to(param.device, param.dtype)
-        scale = float(options.get("controlnet_scale", self.spec.options.get("controlnet_scale",
-                                                                            DEFAULT_CONTROLNET_SCALE)))
-        extras = {**conditioning.extras, "control_image": image, "controlnet_scale": scale}
-        info = {**conditioning.info, "controlnet_scale": scale}
-        return replace(conditioning, extras=MappingProxyType(extras), info=MappingProxyType(info))
+        return replace(conditioning, extras=MappingProxyType({**conditioning.extras, "control_image": image}))
 
     def branch_extras(self, call: UNetCall) -> dict[str, Any]:
         """IdentityNet residuals for every row of the batched call, with that row's identity tokens."""

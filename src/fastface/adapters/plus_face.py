@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from .base import (
@@ -26,6 +26,7 @@ from .base import (
     IdentityAdapter,
     IdentityConditioning,
     check_mode,
+    check_options,
     checkpoint_path,
     identity_info,
     image_encoder_path,
@@ -103,11 +104,12 @@ class PlusFaceAdapter(IdentityAdapter):
                 "Identity from fastface.faces.build_identity), not bare embeddings"
             )
 
-    def encode(self, identity: Identity, mode: str = "mean") -> IdentityConditioning:
+    def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
         """Resampler tokens of the crops' CLIP features, and of an all-zero pixel tensor's (∅)."""
         import torch
 
         check_mode(mode)
+        check_options(self.spec.name, options)
         self.check_identity(identity)
         device = next(self.projection.parameters()).device
         with torch.no_grad():

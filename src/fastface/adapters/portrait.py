@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from .base import (
     IdentityAdapter,
     IdentityConditioning,
     check_mode,
+    check_options,
     checkpoint_path,
     identity_info,
     read_ip_adapter_checkpoint,
@@ -114,11 +115,12 @@ class PortraitAdapter(IdentityAdapter):
         info["variant"] = self.variant
         return info
 
-    def encode(self, identity: Identity, mode: str = "mean") -> IdentityConditioning:
+    def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
         """16 tokens per photo (always concatenated: the model was trained so) and the null tokens."""
         import torch
 
         check_mode(mode)
+        check_options(self.spec.name, options)
         self.check_identity(identity)
         if self.variant == "unnorm":
             if identity.raw_embeddings is None:

@@ -90,8 +90,10 @@ class Identity:
         rows = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
         mean = rows.mean(axis=0)
         mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        # The vectors as given are also kept as the raw embeddings (what InstantID's Resampler reads:
+        # pass InsightFace's un-normalised ``face.embedding`` there).
         return cls(embedding=mean.astype(np.float32), embeddings=rows.astype(np.float32), backend=backend,
-                   model=model, sources=list(sources or []))
+                   model=model, sources=list(sources or []), raw_embeddings=arr.astype(np.float32))
 
 
 def check_embeddings(embeddings: Any, what: str) -> np.ndarray:
