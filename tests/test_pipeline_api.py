@@ -134,3 +134,18 @@ def test_concurrent_calls_equal_sequential_calls(pipe, embedding):
     assert not errors
     for index, expected in enumerate(sequential):
         assert torch.equal(results[index], expected), f"call {index} differs when run concurrently"
+
+
+def test_am_targets_every_identity_token_by_default(pipe):
+    # Two photos in concat mode: S = 8 tokens. The default manipulates all 8 (the published
+    # [0, 1, 2, 3] is the 4-token case), the same as naming all 8, unlike naming the first 4.
+    rng = np.random.default_rng(3)
+    two_photos = rng.standard_normal((2, 128)).astype(np.float32)
+    kwargs = {"output_type": "latent", "progress": False, "identity_mode": "concat", "method": "am", "seed": 4}
+    default = pipe(PROMPT, two_photos, **kwargs)
+    assert default.metadata[0]["identity"]["num_tokens"] == 8
+    assert default.metadata[0]["attention"]["tokens"] is None
+    every = pipe(PROMPT, two_photos, attention=AttentionManipulation.scale_power(tokens=range(8)), **kwargs)
+    first_four = pipe(PROMPT, two_photos, attention=AttentionManipulation.scale_power(tokens=[0, 1, 2, 3]), **kwargs)
+    assert torch.equal(default.latents, every.latents)
+    assert not torch.allclose(default.latents, first_four.latents, atol=1e-4)

@@ -104,6 +104,9 @@ def part_of(name: str) -> str:
 class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor with the identity branch driven by an :class:`IPContext`.
 
+    ``__call__`` is adapted from diffusers 0.42.1 ``IPAdapterAttnProcessor2_0.__call__`` (text
+    branch and output path unchanged; the identity branch replaced).
+
     Shares the ``to_k_ip``/``to_v_ip`` modules of the processor it replaces (no copy). Without a
     context (the UNet called outside FastFace) the identity branch is off: text-only attention.
     """
