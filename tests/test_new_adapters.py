@@ -99,21 +99,18 @@ def test_resampler_is_loaded_from_the_original_keys(pipes, name):
     assert adapter.tokens_per_photo == 16
 
 
-def test_portrait_variant_comes_from_the_keys_not_the_file_name(tiny_dir, tmp_path):
-    misleading = tmp_path / "ip-adapter-faceid-portrait_sdxl.bin"
-    shutil.copy(tiny_dir / tiny_adapters.PORTRAIT_UNNORM_FILE, misleading)
+def test_portrait_variant_comes_from_the_keys_not_the_file_name(tiny_dir, tmp_path, pipes):
+    assert pipes["faceid-portrait"].adapter.variant == "normed"
+    assert pipes["faceid-portrait-unnorm"].adapter.variant == "unnorm"
     pipe = load_backbone("tiny", device="cpu")
-    adapter = load_adapter(pipe, "faceid-portrait", backbone="tiny", path=misleading)
-    assert adapter.variant == "unnorm"
-    pipe = load_backbone("tiny", device="cpu")
-    assert load_adapter(pipe, "faceid-portrait-unnorm", backbone="tiny",
-                        path=tiny_dir / tiny_adapters.PORTRAIT_FILE).variant == "normed"
-    pipe = load_backbone("tiny", device="cpu")
+    # wrong checkpoints are refused before anything is installed into the pipeline
     with pytest.raises(InputError, match="FaceID checkpoint \\(with LoRA\\)"):
         load_adapter(pipe, "faceid-portrait", backbone="tiny", path=tiny_dir / "ip-adapter-faceid_sdxl.bin")
-    pipe = load_backbone("tiny", device="cpu")
     with pytest.raises(InputError, match="not an IP-Adapter Plus checkpoint"):
         load_adapter(pipe, "plus-face", backbone="tiny", path=tiny_dir / tiny_adapters.PORTRAIT_FILE)
+    misleading = tmp_path / "ip-adapter-faceid-portrait_sdxl.bin"
+    shutil.copy(tiny_dir / tiny_adapters.PORTRAIT_UNNORM_FILE, misleading)
+    assert load_adapter(pipe, "faceid-portrait", backbone="tiny", path=misleading).variant == "unnorm"
 
 
 def test_identitynet_is_not_silent(tiny_dir):
@@ -171,18 +168,23 @@ def test_portrait_equals_stock_diffusers(tiny_dir, pipes, name):
     _close(ours_cfg, _stock_latents(stock, both, 5.0, 0.8))
 
 
-def _reference_instantid(tiny_dir, identity: Identity, guidance: float, ip_scale: float, cn_scale: float):
+def _reference_instantid(tiny_dir, identity: Identity, guidances: tuple[float, ...], ip_scale: float,
+                         cn_scale: float) -> list[torch.Tensor]:
     """InstantID's sampling written out with diffusers components: the IdentityNet's context is the
     identity tokens (∅: Resampler of zeros), its image the keypoints, in both CFG halves."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     folder = tiny_dir / tiny_adapters.INSTANTID_DIR
     stock = _stock(tiny_dir, f"{tiny_adapters.INSTANTID_DIR}/{tiny_adapters.INSTANTID_FILE}")
     stock.set_ip_adapter_scale(ip_scale)
     controlnet = ControlNetModel.from_pretrained(folder / tiny_adapters.CONTROLNET_DIR)
+    projection = stock.unet.encoder_hid_proj.image_projection_layers[0]
+    stock.unet.encoder_hid_proj = None  # tokens handed in as diffusers' (text, [ip tokens]) pair
+    return [_reference_sampling(stock, controlnet, projection, identity, g, cn_scale) for g in guidances]
+
+
+def _reference_sampling(stock, controlnet, projection, identity: Identity, guidance: float, cn_scale: float):
+    from diffusers.utils.torch_utils import randn_tensor
+
     unet = stock.unet
-    projection = unet.encoder_hid_proj.image_projection_layers[0]
-    unet.encoder_hid_proj = None  # tokens handed in as diffusers' (text, [ip tokens]) pair
     cfg = guidance > 1
     raw = torch.from_numpy(identity.raw_embeddings[:1]).view(1, 1, -1)
     with torch.no_grad():
@@ -218,13 +220,16 @@ def _reference_instantid(tiny_dir, identity: Identity, guidance: float, ip_scale
 def test_instantid_equals_its_sampling_written_with_diffusers(tiny_dir, pipes):
     identity = _identity()
     pipe = pipes["instantid"]
-    ours = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, adapter_options={"controlnet_scale": 0.8})
-    _close(ours, _reference_instantid(tiny_dir, identity, 1.0, 0.8, 0.8))
+    options = {"controlnet_scale": 0.7}
+    plain, cfg = _reference_instantid(tiny_dir, identity, (1.0, 5.0), 0.8, 0.7)
+    ours = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, adapter_options=options)
+    _close(ours, plain)
     ours_cfg = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, guidance=CFG5,
-                        adapter_options={"controlnet_scale": 0.8})
-    _close(ours_cfg, _reference_instantid(tiny_dir, identity, 5.0, 0.8, 0.8))
+                        adapter_options=options)
+    _close(ours_cfg, cfg)
     # the IdentityNet matters: without it (scale 0) the result moves
-    off = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE, adapter_options={"controlnet_scale": 0.0})
+    off = _latents(pipe, identity, method="none", ip_scale=0.8, negative_prompt=NEGATIVE,
+                   adapter_options={"controlnet_scale": 0.0})
     assert (off - ours).abs().max() > 1e-3
 
 
