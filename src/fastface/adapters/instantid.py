@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import check_number
 from ..errors import InputError
 from ..hub import resolve_file
 from .base import (
@@ -58,7 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
 INSTANTID_REPO = "InstantX/InstantID"
 CONTROLNET_SUBFOLDER = "ControlNetModel"
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-DEFAULT_CONTROLNET_SCALE = 0.8
 
 SPECS = (
     AdapterSpec(
@@ -81,8 +79,9 @@ SPECS = (
             RequiredFile(INSTANTID_REPO, CONTROLNET_SUBFOLDER, "controlnet",
                          tuple(f"{CONTROLNET_SUBFOLDER}/{f}" for f in CONTROLNET_FILES)),
         ),
-        # per-call options: the IdentityNet's residual scale, and keypoints from another photo
-        options=MappingProxyType({"controlnet_scale": DEFAULT_CONTROLNET_SCALE, "pose": None}),
+        # per-call options: the IdentityNet's residual scale (None: presets.DEFAULT_CONTROLNET_SCALE),
+        # and keypoints from another photo
+        options=MappingProxyType({"controlnet_scale": None, "pose": None}),
     ),
 )
 
@@ -146,13 +145,15 @@ class InstantIDAdapter(IdentityAdapter):
         """
         import torch
 
+        from ..config import check_number
         from ..keypoint_image import draw_keypoints
+        from ..presets import DEFAULT_CONTROLNET_SCALE
 
         check_mode(mode)
         check_options(self.spec.name, options, tuple(self.spec.options))
         self.check_identity(identity)
-        scale = check_number(options.get("controlnet_scale", DEFAULT_CONTROLNET_SCALE), "controlnet_scale",
-                             minimum=0.0)
+        scale = options.get("controlnet_scale")
+        scale = check_number(DEFAULT_CONTROLNET_SCALE if scale is None else scale, "controlnet_scale", minimum=0.0)
         pose = options.get("pose")
         if identity.raw_embeddings is None:
             raise InputError(
