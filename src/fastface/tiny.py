@@ -38,7 +38,7 @@ from .tiny_adapters import write_tiny_adapters
 
 # Bump when anything written below changes: the version is part of the folder name, so a stale
 # cache is never read.
-TINY_VERSION = "4"
+TINY_VERSION = "5"
 
 # Sizes shared by the tiny models and their adapters.
 TINY_CROSS_ATTENTION_DIM = 64  # = hidden size of text encoder 1 + text encoder 2

@@ -165,7 +165,11 @@ def identitynet(unet: Any, seed: int = 15) -> Any:
     import torch
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    # from_unet initialises its new layers from torch's global generator: seed a private copy of it,
+    # so the build is reproducible and leaves the caller's random state alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
     g = torch.Generator().manual_seed(seed)
     zero_modules = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
                     controlnet.controlnet_mid_block]
