@@ -101,6 +101,8 @@ def controlnet_folder(spec: AdapterSpec, checkpoint: Path) -> Path:
 class InstantIDAdapter(IdentityAdapter):
     """InstantID loaded into one SDXL pipeline: the Resampler and the IdentityNet ControlNet."""
 
+    uses_branch_extras = True  # the IdentityNet runs in every step's batched call
+
 
     def __init__(self, spec: AdapterSpec, projection: torch.nn.Module, checkpoint: Path, controlnet: torch.nn.Module,
                  controlnet_path: Path, embedding_dim: int, tokens: int) -> None:
