@@ -137,6 +137,7 @@ class VariantResult:
     description: str
     steps: int = 0
     evaluations: int = 0
+    controlnet_evaluations: int = 0  # InstantID: one IdentityNet evaluation per branch sample
     images: int = 1
     repeats: list[dict[str, float]] = field(default_factory=list)
     peak_memory_mb: float | None = None
@@ -160,6 +161,7 @@ class VariantResult:
         out["ms_per_image"] = {stage: _round(self.per_image(stage)) for stage in STAGES}
         out["denoise_ms_per_step"] = _round(self.per_step())
         out["evaluations_per_image"] = self.evaluations
+        out["controlnet_evaluations_per_image"] = self.controlnet_evaluations
         return out
 
 
@@ -274,15 +276,19 @@ def apply_speed_options(pipe: FastFacePipeline, options: BenchOptions) -> list[s
 
 
 def timing_identity(pipe: FastFacePipeline, seed: int) -> Any:
-    """A random identity of the adapter's embedding size (and random face crops for FaceID-Plus)."""
+    """A random identity for any adapter: an embedding of its size (raw = as drawn), a random face
+    crop (CLIP adapters) and a face's five keypoints on a 512 x 512 photo (InstantID)."""
     import numpy as np
 
+    from .faces.align import ARCFACE_TEMPLATE
     from .faces.types import Identity
 
     rng = np.random.default_rng(seed)
-    identity = Identity.from_embeddings(rng.standard_normal(pipe.adapter.embedding_dim).astype(np.float32))
-    if pipe.adapter.spec.kind == "faceid-plus":
-        identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    dim = pipe.adapter.embedding_dim or 512
+    identity = Identity.from_embeddings(rng.standard_normal(dim).astype(np.float32))
+    identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    identity.keypoints = [(ARCFACE_TEMPLATE * 2.5 + 116).astype(np.float32)]
+    identity.image_sizes = [(512, 512)]
     return identity
 
 
@@ -328,7 +334,7 @@ def variant_specs(options: BenchOptions) -> dict[str, VariantSpec]:
 
 
 def run_engine(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
-               height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+               height: int, width: int, seed: int) -> tuple[dict[str, float], int, int, Any, list[Any]]:
     """One end-to-end call through :class:`FastFacePipeline`; the engine's synchronised stage timings."""
     from .config import GenerationConfig
 
@@ -342,11 +348,12 @@ def run_engine(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options
     result = pipe.generate(config, identity, output_type="pil", progress=False)
     meta = result.metadata[0]
     timings = {stage: float(meta["timings_ms"][stage]) for stage in STAGES}
-    return timings, int(meta["unet_evaluations"]), result.latents, result.images
+    controlnet = int(meta.get("controlnet_evaluations", 0))
+    return timings, int(meta["unet_evaluations"]), controlnet, result.latents, result.images
 
 
 def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
-              height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+              height: int, width: int, seed: int) -> tuple[dict[str, float], int, int, Any, list[Any]]:
     """FastFace as the published research code computes it, for comparison.
 
     Every step evaluates ε∅, εI and εTI (one batch of 3 per image), whatever the coefficients;
@@ -425,7 +432,7 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
         "decode": (end - t_decode) * 1000,
         "total": (end - start) * 1000,
     }
-    return timings, 3 * steps, latents, images
+    return timings, 3 * steps, 0, latents, images
 
 
 def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: int, pairs: int,
@@ -706,13 +713,14 @@ def run_benchmark(
             # Warm-up of the long baseline: a few steps run the same kernels as all 30.
             spec = VariantSpec(spec.name, spec.description, spec.method, spec.guidance, min(spec.steps, 3), spec.naive)
         reset_peak_memory(device)
-        timings, evaluations, latents, images = run(pipe, spec, identity, options, spec.steps or steps, height, width,
-                                                    options.seed)
+        timings, evaluations, controlnet, latents, images = run(pipe, spec, identity, options, spec.steps or steps,
+                                                                height, width, options.seed)
         if warm:
             return
         result = results[row]
         result.repeats.append({k: round(v, 3) for k, v in timings.items()})
         result.evaluations = evaluations
+        result.controlnet_evaluations = controlnet
         result.steps = call_steps
         result.peak_memory_mb = max(result.peak_memory_mb or 0.0, peak_memory_mb(device))
         outputs[row] = (latents, images)
@@ -968,17 +976,18 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"on {where} ({machine['device']}, torch {machine['torch']}, {machine.get('torch_threads')} threads)"
         + (f"; speed options: {', '.join(report['speed_options'])}" if report["speed_options"] else ""),
         "",
-        "| variant | LoRA | steps | UNet evals | identity ms | prompt ms | denoise ms | decode ms | total ms/image "
-        "| vs none | ms/step | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | LoRA | steps | UNet evals | ControlNet evals | identity ms | prompt ms | denoise ms | decode ms "
+        "| total ms/image | vs none | ms/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["results"].items():
         ms = row["ms_per_image"]
         if row["error"]:
-            lines.append(f"| {name} | {row['lora_state']} | – | – | failed: {row['error']} | | | | | | | |")
+            lines.append(f"| {name} | {row['lora_state']} | – | – | – | failed: {row['error']} | | | | | | | |")
             continue
         lines.append(
-            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | {_fmt(ms['identity'])} | "
+            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | "
+            f"{row.get('controlnet_evaluations', 0)} | {_fmt(ms['identity'])} | "
             f"{_fmt(ms['prompt'])} | {_fmt(ms['denoise'])} | {_fmt(ms['decode'])} | {_fmt(ms['total'])} | "
             f"{_fmt(report['ratios_vs_none'].get(name), 2)} | {_fmt(row['denoise_ms_per_step'])} | "
             f"{_fmt(row['peak_memory_mb'], 0)} |"

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     gen.add_argument("--out", required=True, metavar="PATH",
                      help="output directory (or a .png file name for a single image)")
+    gen.add_argument("--pose", default=None, metavar="PHOTO",
+                     help="instantid: take the face keypoints (the pose) from this photo instead of the first --face")
     gen.add_argument("--no-fuse", action="store_true",
                      help="keep the LoRAs unfused (slower; the default merges them once into the UNet)")
     gen.set_defaults(func=run_generate)
@@ -70,7 +72,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-backend", default=None, help="face encoder (default: the adapter's own)")
     parser.add_argument("--base-model", default=None, help="custom SDXL base: hub id, diffusers folder or .safetensors")
     parser.add_argument("--adapter-path", default=None, help="local adapter checkpoint instead of the hub's")
-    parser.add_argument("--image-encoder", default=None, help="local CLIP image encoder (faceid-plusv2)")
+    parser.add_argument("--image-encoder", default=None,
+                        help="local CLIP image encoder (faceid-plusv2, plus-face)")
+    parser.add_argument("--controlnet-scale", type=float, default=None,
+                        help="instantid: scale of the IdentityNet ControlNet's residuals (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="extra style LoRA with optional weight; repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -128,7 +133,21 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cpu_offload=bool(getattr(args, "cpu_offload", False)),
         fuse_loras=not getattr(args, "no_fuse", False),
         limits=Limits.parse(limits) if isinstance(limits, str) else (limits or Limits()),
+        adapter_options=adapter_options_from_args(args),
     )
+
+
+def adapter_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The adapter's own options given on the command line (InstantID: --controlnet-scale, --pose)."""
+    options: dict[str, Any] = {}
+    if getattr(args, "controlnet_scale", None) is not None:
+        options["controlnet_scale"] = args.controlnet_scale
+    pose = getattr(args, "pose", None)
+    if pose is not None:
+        if not Path(pose).expanduser().is_file():
+            raise InputError(f"--pose {pose}: no such file")
+        options["pose"] = str(Path(pose).expanduser())
+    return options
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -293,12 +312,19 @@ def run_presets(args: argparse.Namespace) -> int:
         print(f"  {b['name']:<13} {b['steps']:>2} steps  {b['resolution']:>4}px  cfg {b['cfg_scale']:<4}"
               f"  {b['description']}")
         print(f"  {'':<13} licence: {'; '.join(b['licence'])}")
-    print("\nADAPTERS")
+    print("\nADAPTERS (name, checkpoint, face input, tokens per photo, licence)")
     for a in table["adapters"]:
+        dim = a.get("embedding_dim")
+        face = f"{dim}-d embedding" if dim else "face crop only (no embedding)"
         extra = f", image encoder {a['image_encoder']}" if a.get("image_encoder") else ""
-        print(f"  {a['name']:<13} {a.get('repo', '')}/{a.get('weight_name', '')}"
-              f" ({a.get('embedding_dim', '?')}-d embedding{extra})")
-        print(f"  {'':<13} licence: {a.get('licence', '?')}")
+        print(f"  {a['name']:<22} {a.get('repo', '')}/{a.get('weight_name', '')}"
+              f" ({face}{extra}; {a.get('num_tokens', '?')} tokens per photo)")
+        more = [f for f in a.get("files", [])[1:] if not a.get("image_encoder") or a["image_encoder"] not in f]
+        if more:
+            print(f"  {'':<22} also needs: {', '.join(more)}")
+        if not a.get("presets_tuned", True):
+            print(f"  {'':<22} method presets: the published FaceID values, not tuned for this adapter")
+        print(f"  {'':<22} licence: {'; '.join(a.get('licence', ['?']))}")
     print("\nMETHODS")
     for m in table["methods"]:
         print(f"  {m['name']:<18} {m.get('description', '')}")

@@ -230,15 +230,17 @@ def probe_generation_models() -> dict[str, Any]:
         repo = getattr(spec, "repo", None)
         if not repo or repo == "tiny":
             continue
-        # Every file the adapter declares (checkpoint, image encoder, ControlNet …); a folder is
-        # checked through its config and weights.
+        # Every file the adapter needs: checkpoint, image encoder, extras (InstantID's ControlNet).
         items = []
-        for needed in spec.required_files():
-            if needed.filename:
-                items.append(_weights(needed.repo, [needed.filename]))
-            else:
-                items += [_weights(needed.repo, ["config.json"]), _weights(needed.repo, ["model.safetensors"])]
-        out["adapters"][name] = _summarise(items)
+        for required in spec.required_files():
+            files = required.patterns or ((required.filename,) if required.filename else ())
+            items += [_weights(required.repo, [f]) for f in files]
+        entry = _summarise(items)
+        entry["files"] = [f"{item['repo']}/{item['file']}: {'present' if item['path'] else 'missing'}"
+                          for item in items]
+        if spec.face_backend:
+            entry["face_backend"] = spec.face_backend
+        out["adapters"][name] = entry
     if backbones is None:
         out["backbones_note"] = "fastface.backbones is not part of this build"
     if adapters is None:
@@ -335,7 +337,14 @@ def render(report: dict[str, Any]) -> str:
     gen = report["generation_models"]
     for kind, label in (("base_models", "base"), ("backbones", "backbone"), ("adapters", "adapter")):
         for name, entry in gen.get(kind, {}).items():
-            rows.append((f"{label}: {name}", entry.get("status", "?"), ""))
+            detail = ""
+            if kind == "adapters":
+                # which files it needs, each present or missing, and the face backend it reads
+                parts = list(entry.get("files", []))
+                if entry.get("face_backend"):
+                    parts.append(f"face backend {entry['face_backend']}")
+                detail = "; ".join(parts)
+            rows.append((f"{label}: {name}", entry.get("status", "?"), detail))
     width = max(len(r[0]) for r in rows)
     width2 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{width}}  {b:<{width2}}  {c}".rstrip() for a, b, c in rows]

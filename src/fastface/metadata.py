@@ -109,6 +109,8 @@ def call_metadata(
         "identity": None if conditioning is None else dict(conditioning.info),
         "unet_evaluations": unet_evaluations(request.plans, has_identity),
         "extra_evaluations": extra,
+        # InstantID's IdentityNet runs once per UNet sample-evaluation (every branch): its own count
+        "controlnet_evaluations": extra.get("controlnet", 0),
         "timings_ms": {k: round(v, 3) for k, v in timings.items()},
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),

@@ -368,6 +368,9 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
             clock.mark("identity")
             # 2. identity conditioning: once per call (or reused from the caller)
             conditioning = self._identity_conditioning(face, identity_tokens, identity_mode, adapter_options or {})
+            if conditioning is not None:
+                # size-dependent extras (InstantID's keypoint image at the output size), once per call
+                conditioning = self.adapter.prepare_call(conditioning, height=request.height, width=request.width)
             clock.mark("prompt")
             # 3. text conditions
             embeds = self._prompt_embeds(prompt, negative_prompt, prompt_embeds)

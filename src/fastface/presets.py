@@ -17,6 +17,8 @@ DEFAULT_METHOD = "fastface"
 # weight of an adapter's own LoRA.
 DEFAULT_IP_SCALE = 0.8
 DEFAULT_LORA_SCALE = 1.0
+# InstantID's IdentityNet residual scale (controlnet_conditioning_scale of its published example).
+DEFAULT_CONTROLNET_SCALE = 0.8
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,22 @@ from .tiny import (
     tiny_model_dir,
     write_clip_tokenizer,
 )
+from .tiny_adapters import (
+    CONTROLNET_DIR,
+    INSTANTID_DIR,
+    INSTANTID_FILE,
+    PLUS_FACE_FILE,
+    PORTRAIT_FILE,
+    PORTRAIT_UNNORM_FILE,
+)
 
 __all__ = [
+    "CONTROLNET_DIR",
+    "INSTANTID_DIR",
+    "INSTANTID_FILE",
+    "PLUS_FACE_FILE",
+    "PORTRAIT_FILE",
+    "PORTRAIT_UNNORM_FILE",
     "CLIP_MEAN",
     "CLIP_STD",
     "DISTILL_LORA_FILE",

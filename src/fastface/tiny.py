@@ -15,7 +15,9 @@ identical. :func:`tiny_model_dir` writes, once per version, a folder holding:
 - ``ip-adapter-faceid_sdxl.bin`` and ``ip-adapter-faceid-plusv2_sdxl.bin``: adapters in the key
   layout of the original IP-Adapter FaceID checkpoints (``image_proj`` + ``ip_adapter`` with the
   per-processor LoRA), sized for this UNet and 128-d (dlib) identity embeddings;
-- ``image_encoder/``: a tiny ``CLIPVisionModelWithProjection`` plus its ``CLIPImageProcessor``.
+- ``image_encoder/``: a tiny ``CLIPVisionModelWithProjection`` plus its ``CLIPImageProcessor``;
+- IP-Adapter Plus-Face, FaceID-Portrait (both variants) and InstantID (``instantid/ip-adapter.bin``
+  + ``instantid/ControlNetModel/``) in their original layouts (:mod:`fastface.tiny_adapters`).
 
 The weights are random: images are noise-like, but every code path (adapter loading, LoRA
 conversion, attention processors, guidance) runs exactly as on the real models.
@@ -32,9 +34,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .tiny_adapters import write_tiny_adapters
+
 # Bump when anything written below changes: the version is part of the folder name, so a stale
 # cache is never read.
-TINY_VERSION = "3"
+TINY_VERSION = "5"
 
 # Sizes shared by the tiny models and their adapters.
 TINY_CROSS_ATTENTION_DIM = 64  # = hidden size of text encoder 1 + text encoder 2
@@ -403,3 +407,4 @@ def _build(folder: Path) -> None:
         folder / FACEID_PLUS_FILE,
     )
     save_file({k: v.contiguous() for k, v in _distill_lora(pipe.unet, generator).items()}, folder / DISTILL_LORA_FILE)
+    write_tiny_adapters(folder, pipe.unet, clip_hidden, TINY_EMBEDDING_DIM)

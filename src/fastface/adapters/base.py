@@ -265,6 +265,14 @@ class IdentityAdapter(ABC):
         )
         return {CONTEXT_KEY: context}
 
+    def prepare_call(self, conditioning: IdentityConditioning, *, height: int, width: int) -> IdentityConditioning:
+        """The conditioning of one call at its output size (once per call, before the loop).
+
+        Adapters with size-dependent extras (InstantID's keypoint image, resized to the output)
+        prepare them here, so that :meth:`branch_extras` only reads them at every step.
+        """
+        return conditioning
+
     def branch_extras(self, call: UNetCall) -> dict[str, Any]:
         """Extra UNet keyword arguments for one batched call (e.g. ControlNet residuals); none here.
 

@@ -62,6 +62,7 @@ class RunConfig:
     base_model: str | None = None
     adapter_path: str | None = None
     image_encoder: str | None = None
+    controlnet_scale: float | None = None  # instantid (None: the adapter's default)
     lora: tuple[str, ...] = ()
     dtype: str = "auto"
     vae: str | None = None
@@ -107,6 +108,7 @@ class RunConfig:
             base_model=self.base_model, adapter_path=self.adapter_path, image_encoder=self.image_encoder,
             loras=tuple(parse_lora(item) for item in self.lora), device=device, dtype=self.dtype, vae=self.vae,
             vae_tiling=self.vae_tiling, cpu_offload=cpu_offload,
+            adapter_options={} if self.controlnet_scale is None else {"controlnet_scale": self.controlnet_scale},
         )
 
     @staticmethod
@@ -282,7 +284,8 @@ def canonical_command(config: RunConfig, grid: Grid, dataset_dir: str, run_dir: 
     cmd += ["--backbone", config.backbone, "--method", config.method]
     cmd += ["--no-identity"] if config.adapter is None else ["--adapter", config.adapter]
     for name in ("steps", "height", "width", "ip_scale", "lora_scale", "alpha", "beta", "rescale", "rescale_on",
-                 "face_backend", "base_model", "adapter_path", "image_encoder", "dtype", "vae", "negative_prompt",
+                 "face_backend", "base_model", "adapter_path", "image_encoder", "controlnet_scale", "dtype", "vae",
+                 "negative_prompt",
                  "reference_photos", "batch_size"):
         value = getattr(config, name)
         if value is not None:
@@ -538,7 +541,8 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    pipe = commands.load_pipeline(config.generation_config(_device_for_rank(device), cpu_offload))
+    generation = config.generation_config(_device_for_rank(device), cpu_offload)
+    pipe = commands.load_pipeline(generation)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)
     tokens_by_identity: dict[str, Any] = {}
@@ -552,7 +556,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             if config.identity:
                 face = identities[first.identity]
                 if first.identity not in tokens_by_identity:
-                    tokens_by_identity[first.identity] = pipe.encode_identity(face)
+                    tokens_by_identity[first.identity] = pipe.encode_identity(face, **dict(generation.adapter_options))
                 tokens = tokens_by_identity[first.identity]
             if first.prompt.id not in prompt_embeds:
                 prompt_embeds[first.prompt.id] = pipe.encode_prompt(first.prompt.text, config.negative_prompt)

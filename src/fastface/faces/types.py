@@ -23,11 +23,30 @@ class Face:
     keypoints: np.ndarray  # (5, 2) float32, KEYPOINT_NAMES order
     landmarks: np.ndarray | None = None  # (68, 2) where the backend has them
     embedding: np.ndarray | None = None  # (D,) float32, L2-normalised
+    # L2 norm of the recogniser's raw output, where the backend exposes it (InsightFace's
+    # ``face.embedding`` = ``embedding * embedding_norm``; InstantID's Resampler reads that raw vector).
+    embedding_norm: float | None = None
+
+    @property
+    def raw_embedding(self) -> np.ndarray | None:
+        """The un-normalised embedding (D,) float32, or None where the backend gives only the normalised one."""
+        if self.embedding is None or self.embedding_norm is None:
+            return None
+        return (self.embedding * np.float32(self.embedding_norm)).astype(np.float32)
 
     @property
     def area(self) -> float:
         x0, y0, x1, y1 = (float(v) for v in self.bbox)
         return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Five face keypoints and the size of the photo they come from (InstantID's pose control)."""
+
+    keypoints: np.ndarray  # (5, 2) float32, KEYPOINT_NAMES order, pixel coordinates of the photo
+    size: tuple[int, int]  # (width, height) of the photo
+    source: str = ""
 
 
 @dataclass
@@ -36,7 +55,9 @@ class Identity:
 
     ``embedding`` is the L2-normalised mean of the per-photo ``embeddings``; ``crops`` are the
     aligned 224x224 RGB face crops (one per photo) that FaceID-Plus feeds to its CLIP encoder;
-    ``keypoints`` the five keypoints per photo (InstantID will need them).
+    ``keypoints`` the five keypoints per photo and ``image_sizes`` each photo's (width, height)
+    (InstantID draws the keypoints on a canvas of that size); ``raw_embeddings`` the un-normalised
+    recogniser outputs (n, D) where the backend exposes them (InstantID, FaceID-Portrait ``_unnorm``).
     """
 
     embedding: np.ndarray  # (D,) float32, L2-normalised
@@ -48,6 +69,8 @@ class Identity:
     sources: list[str] = field(default_factory=list)
     outliers: list[str] = field(default_factory=list)  # sources flagged as a different person
     similarities: list[float] = field(default_factory=list)  # each photo vs the others' mean
+    raw_embeddings: np.ndarray | None = None  # (n, D) float32, un-normalised, where available
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per photo
 
     @property
     def dim(self) -> int:
@@ -67,8 +90,10 @@ class Identity:
         rows = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
         mean = rows.mean(axis=0)
         mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        # The vectors as given are also kept as the raw embeddings (what InstantID's Resampler reads:
+        # pass InsightFace's un-normalised ``face.embedding`` there).
         return cls(embedding=mean.astype(np.float32), embeddings=rows.astype(np.float32), backend=backend,
-                   model=model, sources=list(sources or []))
+                   model=model, sources=list(sources or []), raw_embeddings=arr.astype(np.float32))
 
 
 def check_embeddings(embeddings: Any, what: str) -> np.ndarray:
