@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .testing import TINY_CROSS_ATTENTION_DIM, _processor_layout, _seeded, _unet_config, default_cache_root
+from .testing import TINY_CROSS_ATTENTION_DIM, _processor_layout, _unet_config, default_cache_root
 
 TINY_PULID_VERSION = "1"
 PULID_V1_FILE = "pulid_v1.bin"
@@ -176,14 +176,20 @@ def tiny_bisenet_state(generator) -> dict[str, Any]:
     return state
 
 
-def _attn_layers(generator) -> dict[str, Any]:
-    """``id_adapter_attn_layers.{n}.id_to_k/id_to_v`` on every cross-attention layer of the tiny UNet."""
+def _tiny_layout() -> list[tuple[str, int, int | None]]:
+    """The tiny UNet's attention processors (built on the meta device: only the layout is needed)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
-    with _seeded(0):
+    with torch.device("meta"):
         unet = UNet2DConditionModel(**_unet_config())
+    return _processor_layout(unet)
+
+
+def _attn_layers(generator, layout: list[tuple[str, int, int | None]]) -> dict[str, Any]:
+    """``id_adapter_attn_layers.{n}.id_to_k/id_to_v`` on every cross-attention layer of the tiny UNet."""
     state = {}
-    for index, (_, hidden, cross) in enumerate(_processor_layout(unet)):
+    for index, (_, hidden, cross) in enumerate(layout):
         if cross is not None:
             for proj in ("id_to_k", "id_to_v"):
                 state[f"id_adapter_attn_layers.{index}.{proj}.weight"] = _normal(generator, hidden, cross, std=cross**-0.5)
@@ -236,7 +242,8 @@ def build_tiny_pulid(folder: Path) -> None:
     generator = torch.Generator().manual_seed(4321)
     torch.save(tiny_eva_clip_state(generator), folder / EVA_CLIP_FILE)
     torch.save(tiny_bisenet_state(generator), folder / PARSING_FILE)
-    v1 = {**tiny_id_encoder_v1_state(generator), **_attn_layers(generator)}
+    layout = _tiny_layout()
+    v1 = {**tiny_id_encoder_v1_state(generator), **_attn_layers(generator, layout)}
     torch.save(v1, folder / PULID_V1_FILE)
-    v11 = {**tiny_id_former_state(generator), **_attn_layers(generator)}
+    v11 = {**tiny_id_former_state(generator), **_attn_layers(generator, layout)}
     save_file({k: v.contiguous() for k, v in v11.items()}, folder / PULID_V11_FILE)
