@@ -43,13 +43,13 @@ _UNREACHABLE = re.compile(
 _NO_WHEEL = re.compile(r"Could not find a version that satisfies the requirement ([^\s;]+)")
 
 
-def test_default_and_faces_extras_resolve_to_wheels_only(tmp_path):
-    """``pip install ".[faces]"`` from the registries needs no compiler: every dependency is a wheel."""
+def test_default_faces_and_pulid_extras_resolve_to_wheels_only(tmp_path):
+    """``pip install ".[faces,pulid]"`` from the registries needs no compiler: every dependency is a wheel."""
     report = tmp_path / "report.json"
     cmd = [
         sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:",
         "--disable-pip-version-check", "--report", str(report),
-        "-c", str(REPO_ROOT / "constraints.txt"), f"{REPO_ROOT}[faces]",
+        "-c", str(REPO_ROOT / "constraints.txt"), f"{REPO_ROOT}[faces,pulid]",
     ]
     env = {**os.environ, "PIP_NO_INPUT": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -59,7 +59,7 @@ def test_default_and_faces_extras_resolve_to_wheels_only(tmp_path):
     if proc.returncode != 0:
         missing = _NO_WHEEL.findall(output)
         detail = f"no wheel for {', '.join(missing)} (it would be built from source)" if missing else output[-2000:]
-        pytest.fail(f"the [faces] install does not resolve to wheels only: {detail}")
+        pytest.fail(f"the [faces,pulid] install does not resolve to wheels only: {detail}")
     items = json.loads(report.read_text())["install"]
     names = {item["metadata"]["name"].lower().replace("_", "-") for item in items}
     assert {"onnxruntime", "dlib-bin", "numpy", "pillow"} <= names
@@ -70,3 +70,47 @@ def test_default_and_faces_extras_resolve_to_wheels_only(tmp_path):
     ]
     assert not not_wheels, f"resolved to source distributions: {not_wheels}"
     assert "insightface" not in names
+    # PuLID's research stack stays out of [pulid]
+    assert not names & {"torchvision", "timm", "basicsr", "facexlib", "einops", "torchsde"}, names
+
+
+# Imported by PuLID's own code; none of them may be imported here (torchvision cannot even load
+# beside our torch).
+PULID_FORBIDDEN = ("torchvision", "timm", "basicsr", "facexlib", "insightface", "einops", "xformers", "apex")
+
+_PULID_PROBE = """
+import json, sys
+blocked = %(blocked)r
+from pathlib import Path
+import numpy as np, torch
+import fastface
+from fastface.testing_pulid import build_tiny_pulid, EVA_CLIP_FILE, PARSING_FILE, PULID_V1_FILE, PULID_V11_FILE
+from fastface.models.eva_clip import EVAVisionTower
+from fastface.models.face_parsing import BiSeNet
+from fastface.models.pulid_encoders import load_id_encoder
+from fastface.models.pulid_face import align_face_512, eva_pixels
+from safetensors.torch import load_file
+folder = Path(sys.argv[1]); build_tiny_pulid(folder)
+tower = EVAVisionTower.from_state_dict(torch.load(folder / EVA_CLIP_FILE, weights_only=True))
+parser = BiSeNet.from_state_dict(torch.load(folder / PARSING_FILE, weights_only=True))
+photo = (np.random.default_rng(0).random((200, 180, 3)) * 255).astype(np.uint8)
+kps = np.array([[70, 80], [110, 80], [90, 105], [75, 125], [105, 125]], float)
+with torch.no_grad():
+    cls, hidden = tower(eva_pixels(align_face_512(photo, kps), parser, tower.image_size))
+    cond = torch.cat([torch.randn(1, 512), cls / cls.norm(dim=1, keepdim=True)], dim=1)
+    shapes = [list(load_id_encoder(torch.load(folder / PULID_V1_FILE, weights_only=True))(cond, hidden).shape),
+              list(load_id_encoder(load_file(str(folder / PULID_V11_FILE)))(cond, hidden).shape)]
+print(json.dumps({"shapes": shapes, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in blocked),
+                  "cv2": "cv2" in sys.modules}))
+"""
+
+
+def test_pulid_networks_need_none_of_pulids_research_stack(tmp_path):
+    code = _PULID_PROBE % {"blocked": PULID_FORBIDDEN}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny")], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert state["shapes"] == [[1, 10, 64], [1, 32, 64]]
+    assert state["loaded"] == []
+    assert state["cv2"] is True  # the probe sees imports happen: alignment did load OpenCV
