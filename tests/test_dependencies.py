@@ -97,7 +97,7 @@ photo = (np.random.default_rng(0).random((200, 180, 3)) * 255).astype(np.uint8)
 kps = np.array([[70, 80], [110, 80], [90, 105], [75, 125], [105, 125]], float)
 with torch.no_grad():
     cls, hidden = tower(eva_pixels(align_face_512(photo, kps), parser, tower.image_size))
-    cond = torch.cat([torch.randn(1, 512), cls / cls.norm(dim=1, keepdim=True)], dim=1)
+    cond = torch.cat([torch.randn(1, 128), cls / cls.norm(dim=1, keepdim=True)], dim=1)
     shapes = [list(load_id_encoder(torch.load(folder / PULID_V1_FILE, weights_only=True))(cond, hidden).shape),
               list(load_id_encoder(load_file(str(folder / PULID_V11_FILE)))(cond, hidden).shape)]
 print(json.dumps({"shapes": shapes, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in blocked),

@@ -140,7 +140,7 @@ def test_id_encoder_v1_matches_the_definition(pulid_dir):
     assert isinstance(encoder, IDEncoder) and encoder.num_tokens == 10
     sd = {k[len("id_adapter."):]: v for k, v in raw.items() if k.startswith("id_adapter.")}
     g = torch.Generator().manual_seed(1)
-    cond, hidden = torch.randn(1, 544, generator=g), _hidden(g)
+    cond, hidden = torch.randn(1, 160, generator=g), _hidden(g)
     with torch.no_grad():
         out = encoder(cond, hidden)
     tokens = [_mlp_ref(cond, sd, "body", 3).reshape(5, 64)]
@@ -179,15 +179,15 @@ def test_id_former_v11_matches_the_definition_for_one_and_two_photos(pulid_dir):
     assert isinstance(encoder, IDFormer) and encoder.num_tokens == 32
     sd = {k[len("id_adapter."):]: v for k, v in raw.items() if k.startswith("id_adapter.")}
     g = torch.Generator().manual_seed(2)
-    cond, hidden = torch.randn(1, 544, generator=g), _hidden(g)
+    cond, hidden = torch.randn(1, 160, generator=g), _hidden(g)
     with torch.no_grad():
         out = encoder(cond, hidden)
-        two = encoder(torch.randn(1, 2, 544, generator=g), two_hidden := _hidden(g, tokens=10))
+        two = encoder(torch.randn(1, 2, 160, generator=g), two_hidden := _hidden(g, tokens=10))
     assert out.shape == (1, 32, 64) and two.shape == (1, 32, 64)
     assert _rel(out[0], _idformer_ref(sd, cond, hidden)) < 1e-5
     g = torch.Generator().manual_seed(2)
-    torch.randn(1, 544, generator=g), _hidden(g)
-    cond2 = torch.randn(1, 2, 544, generator=g)
+    torch.randn(1, 160, generator=g), _hidden(g)
+    cond2 = torch.randn(1, 2, 160, generator=g)
     assert _rel(two[0], _idformer_ref(sd, cond2[0], two_hidden, photos=2)) < 1e-5
 
 

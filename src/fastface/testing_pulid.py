@@ -13,8 +13,8 @@
   reads exist, 64-wide heads as the real model, a 28² input (2x2 patches of 14);
 - ``parsing_bisenet.pth``: a BiSeNet with facexlib's keys and narrow channels.
 
-The identity condition is 512 (antelopev2) + the tiny EVA-CLIP's embedding width, as in the real
-models. Weights are random but seeded: two builds are identical.
+The identity condition is the face embedding (128-d, dlib's, standing in for antelopev2's 512) +
+the tiny EVA-CLIP's embedding width. Weights are random but seeded: two builds are identical.
 """
 
 from __future__ import annotations
@@ -25,15 +25,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .testing import TINY_CROSS_ATTENTION_DIM, _processor_layout, _unet_config, default_cache_root
+from .testing import (
+    TINY_CROSS_ATTENTION_DIM,
+    TINY_EMBEDDING_DIM,
+    _processor_layout,
+    _unet_config,
+    default_cache_root,
+)
 
-TINY_PULID_VERSION = "1"
+TINY_PULID_VERSION = "2"
 PULID_V1_FILE = "pulid_v1.bin"
 PULID_V11_FILE = "pulid_v1.1.safetensors"
 EVA_CLIP_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
 PARSING_FILE = "parsing_bisenet.pth"
 
-TINY_ANTELOPE_DIM = 512
+# The face embedding of the tiny models is dlib's 128-d descriptor (as for the tiny FaceID), standing in
+# for antelopev2's 512-d one.
+TINY_ANTELOPE_DIM = TINY_EMBEDDING_DIM
 TINY_EVA = {"width": 128, "depth": 21, "head_dim": 64, "mlp_hidden": 341, "patch": 14, "image": 28, "embed": 32}
 TINY_BISENET = {"stem": 8, "widths": (8, 16, 24, 32), "head": 16, "fuse": 32, "fuse_mid": 8, "out_mid": 16,
                 "aux_mid": 8, "classes": 19}
