@@ -27,6 +27,7 @@ def test_karras_sigmas_and_nearest_timesteps():
         assert t == nearest
     assert s.timesteps[0] == 999 and s.timesteps[-1] == 0
     assert torch.allclose(s.scale_model_input(torch.ones(1)), 1 / (s.sigmas[0] ** 2 + 1) ** 0.5)
+    assert s.init_noise_sigma == float(s.sigmas[0])
 
 
 def _sample(scheduler, denoise, x):

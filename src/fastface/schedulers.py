@@ -44,8 +44,8 @@ class KarrasDPMSolverPP2MScheduler(SchedulerMixin, ConfigMixin):
         self._old_denoised: torch.Tensor | None = None
 
     @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        return self.sigmas[0]
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas[0])
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         self._step_index = begin_index
@@ -64,28 +64,28 @@ class KarrasDPMSolverPP2MScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = 0
         self._old_denoised = None
 
-    def _sigma(self, sample: torch.Tensor, index: int) -> torch.Tensor:
-        return self.sigmas[index].to(device=sample.device)
+    # The coefficients are computed on the host in float32, as k-diffusion computes them, and enter
+    # the device arithmetic as Python scalars: no per-step host-to-device copy, same float32 values.
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        sigma = self._sigma(sample, self._step_index)
-        return sample / (sigma**2 + 1.0) ** 0.5
+        sigma = self.sigmas[self._step_index]
+        return sample / float((sigma**2 + 1.0) ** 0.5)
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True,
              **_: Any) -> SchedulerOutput | tuple[torch.Tensor]:
         i = self._step_index
-        sigma, sigma_next = self._sigma(sample, i), self._sigma(sample, i + 1)
-        denoised = sample - model_output * sigma
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        denoised = sample - model_output * float(sigma)
         t, t_next = -sigma.log(), -sigma_next.log()
         h = t_next - t
-        ratio = (-t_next).exp() / (-t).exp()
+        ratio = float((-t_next).exp() / (-t).exp())
+        coefficient = float((-h).expm1())
         if self._old_denoised is None or i + 1 == len(self.sigmas) - 1:
-            prev = ratio * sample - (-h).expm1() * denoised
+            prev = ratio * sample - coefficient * denoised
         else:
-            h_last = t + self._sigma(sample, i - 1).log()
-            r = h_last / h
-            corrected = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * self._old_denoised
-            prev = ratio * sample - (-h).expm1() * corrected
+            r = (t + self.sigmas[i - 1].log()) / h
+            corrected = float(1 + 1 / (2 * r)) * denoised - float(1 / (2 * r)) * self._old_denoised
+            prev = ratio * sample - coefficient * corrected
         self._old_denoised = denoised
         self._step_index = i + 1
         prev = prev.to(sample.dtype)
