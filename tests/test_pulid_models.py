@@ -254,6 +254,10 @@ def test_orthogonal_joins():
     q, k, _ = _qkv(6, tokens=9)
     expected = (q @ k.transpose(-1, -2)).softmax(-1).mean(1)[..., :5].sum(-1, keepdim=True)
     assert torch.allclose(ortho_v2_mass(q, k), expected)
+    # a zero text output (null text = zero embeddings): nothing to project on, no NaN
+    zero = torch.zeros_like(hidden)
+    assert torch.equal(add_identity(zero, ident, 0.7, "v1"), 0.7 * ident)
+    assert torch.equal(add_identity(zero, ident, 0.7, "v2", mass), 0.7 * ident)
     with pytest.raises(ValueError, match="mass"):
         add_identity(hidden, ident, 0.7, "v2")
 

@@ -12,8 +12,9 @@ How ``O`` joins ``H`` (``ortho``):
   ``a`` (B, L, 1) is the attention mass on the first ``ortho_tokens`` (5) tokens, from an
   *unscaled* softmax of ``Q K_idᵀ`` averaged over heads, as the official code computes it;
 
-with ``proj_H(O) = (Σ_L H·O / Σ_L H·H) · H`` per sample and channel (sums over the query positions).
-The orthogonal variants are computed in float32.
+with ``proj_H(O) = (Σ_L H·O / Σ_L H·H) · H`` per sample and channel (sums over the query positions;
+zero where H is zero, as for a null-text branch whose text embeddings are all zero). The orthogonal
+variants are computed in float32.
 
 Attention manipulation (METHOD §7) acts on the identity softmax — over real and padding tokens as
 PuLID normalises it — but changes only the real tokens' columns; the padding columns keep their
@@ -82,7 +83,10 @@ def add_identity(hidden: Tensor, identity: Tensor, scale: float, ortho: str = "o
         raise ValueError(f"ortho must be one of {ORTHO_MODES}, got {ortho!r}")
     dtype = hidden.dtype
     h, o = hidden.float(), identity.float()
-    projection = (h * o).sum(dim=-2, keepdim=True) / (h * h).sum(dim=-2, keepdim=True) * h
+    # A zero H (FastFace's null text is all-zero embeddings, METHOD §2, so a null-text branch's text
+    # attention is exactly zero) has a zero projection; the official division would give 0/0 = NaN.
+    energy = (h * h).sum(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    projection = (h * o).sum(dim=-2, keepdim=True) / energy * h
     if ortho == "v1":
         joined = o - projection
     else:
