@@ -60,7 +60,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (backbone default)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--ip-scale", type=float, default=0.8, help="adapter scale λ")
+    parser.add_argument("--ip-scale", type=float, default=None,
+                        help="adapter scale λ (default: presets.DEFAULT_IP_SCALE, IP-Adapter's published value)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="weight of the adapter's own LoRA")
     parser.add_argument("--alpha", default=None, help="identity guidance: a number or per-step list '1,1.5,1.5,1'")
     parser.add_argument("--beta", default=None, help="text guidance: a number or per-step list")
@@ -83,50 +84,56 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="decode in tiles: VAE memory independent of the image size")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep models on the CPU, each moved to the GPU only while it runs (CUDA only; slower)")
+    parser.add_argument("--limits", default=None, metavar="KEY=N[,KEY=N]",
+                        help="raise the upper bounds for big machines: steps (default 200), size (height and "
+                             "width, 4096), images (per call, 64); e.g. --limits steps=500,size=8192")
 
 
 # --------------------------------------------------------------------------- resolution
 
 
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~fastface.config.GenerationConfig` of parsed ``generate`` (or ``eval run``) options."""
+    from .config import GenerationConfig, Limits
+    from .presets import DEFAULT_IP_SCALE
+
+    limits = getattr(args, "limits", None)
+    prompts = getattr(args, "prompt", None) or ()
+    return GenerationConfig(
+        prompts=tuple(prompts),
+        negative_prompt=getattr(args, "negative_prompt", None),
+        backbone=args.backbone,
+        adapter=args.adapter,
+        method=args.method,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        num_images=getattr(args, "num_images", 1),
+        seed=getattr(args, "seed", 0),
+        ip_scale=DEFAULT_IP_SCALE if args.ip_scale is None else args.ip_scale,
+        lora_scale=args.lora_scale,
+        alpha=args.alpha,
+        beta=args.beta,
+        rescale=args.rescale,
+        rescale_on=args.rescale_on,
+        face_backend=args.face_backend,
+        base_model=args.base_model,
+        adapter_path=args.adapter_path,
+        image_encoder=args.image_encoder,
+        loras=tuple(parse_lora(item) for item in args.lora),
+        device=getattr(args, "device", "auto") or "auto",
+        dtype=getattr(args, "dtype", "auto") or "auto",
+        vae=getattr(args, "vae", None),
+        vae_tiling=bool(getattr(args, "vae_tiling", False)),
+        cpu_offload=bool(getattr(args, "cpu_offload", False)),
+        fuse_loras=not getattr(args, "no_fuse", False),
+        limits=Limits.parse(limits) if isinstance(limits, str) else (limits or Limits()),
+    )
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Check every name and number of a generation configuration without loading a model."""
-    from .adapters import spec_for_backbone
-    from .backbones import get_backbone
-    from .guidance import GuidanceConfig, resolve_schedule
-    from .presets import get_method, plain_cfg
-
-    backbone = get_backbone(args.backbone)
-    adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
-    method = get_method(args.method)
-    steps = args.steps if args.steps is not None else backbone.steps
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise ConfigError(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.ip_scale < 0:
-        raise ConfigError(f"--ip-scale must be >= 0, got {args.ip_scale}")
-
-    guidance = method.guidance if method.guidance is not None else plain_cfg(backbone.cfg_scale)
-    overrides = {key: getattr(args, key) for key in ("alpha", "beta", "rescale", "rescale_on")
-                 if getattr(args, key) is not None}
-    if overrides:
-        fields = guidance.to_dict() if hasattr(guidance, "to_dict") else {}
-        fields = {k: v for k, v in fields.items() if k in ("alpha", "beta", "rescale", "rescale_on", "decomposition")}
-        fields.update(overrides)
-        guidance = GuidanceConfig(**fields)
-    # Schedules are checked against the step count now, before any model loads.
-    resolve_schedule(guidance.alpha, steps, peak=1.5, name="alpha")
-    resolve_schedule(guidance.beta, steps, peak=3.0, name="beta")
-    return {
-        "backbone": backbone,
-        "adapter": adapter,
-        "method": method,
-        "guidance": guidance,
-        "steps": steps,
-        "loras": [parse_lora(item) for item in args.lora],
-    }
+    return config_from_args(args).validate().as_dict()
 
 
 def parse_lora(item: str) -> tuple[str, float]:
@@ -140,20 +147,12 @@ def parse_lora(item: str) -> tuple[str, float]:
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
-    import torch
+    """(device name, torch dtype) for ``--device``/``--dtype`` (one clear error for a bad value)."""
+    from .backbones import default_dtype
+    from .config import check_device, check_dtype
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device")
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
-    return device, getattr(torch, dtype)
+    resolved = check_device(device)
+    return str(resolved), check_dtype(dtype) or default_dtype(resolved)
 
 
 def default_face_backend(adapter: Any) -> str:
@@ -188,30 +187,16 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    config = resolve_config(args)
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
+    config = config_from_args(args)
+    resolved = config.validate()
     out = Path(args.out)
     single_file = out.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}
-    total = len(args.prompt) * args.num_images
+    total = len(config.prompts) * config.num_images
     if single_file and total > 1:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
-    identity = load_identity(args.face, args.face_backend, config["adapter"])
-    pipe = load_pipeline(args, config)
-    result = pipe(
-        args.prompt,
-        face=identity,
-        method=config["method"].name,
-        guidance=config["guidance"],
-        negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
-        steps=config["steps"],
-        height=args.height,
-        width=args.width,
-        ip_scale=args.ip_scale,
-        lora_scale=args.lora_scale,
-    )
+    identity = load_identity(args.face, args.face_backend, resolved.adapter)
+    pipe = load_pipeline(config)
+    result = pipe.generate(config, identity)
     paths = write_images(result, out, single_file=single_file)
     print(licence_line(result.metadata[0].get("licence", {})), file=sys.stderr)
     for path in paths:
@@ -219,30 +204,16 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+def load_pipeline(config: Any) -> Any:
+    """The pipeline of a :class:`~fastface.config.GenerationConfig`.
+
+    One command = one LoRA weighting: unless ``fuse_loras`` is off (``--no-fuse``) the LoRAs are
+    merged into the UNet once, which removes their per-layer cost (1.76x faster per image on an
+    H200, benchmarks/RESULTS.md). Offloaded weights move between devices, so they stay unfused there.
+    """
     from .pipeline import FastFacePipeline
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    pipe = FastFacePipeline.from_pretrained(
-        backbone=config["backbone"].name,
-        adapter=config["adapter"].name if config["adapter"] is not None else None,
-        base_model=args.base_model,
-        adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder,
-        loras=config["loras"],
-        device=device,
-        dtype=dtype,
-        # Read with defaults: callers may build the namespace themselves (eval run's RunConfig).
-        vae=getattr(args, "vae", None),
-        vae_tiling=bool(getattr(args, "vae_tiling", False)),
-        cpu_offload=bool(getattr(args, "cpu_offload", False)),
-    )
-    # One command = one LoRA weighting: merging the LoRAs into the UNet once removes their per-layer
-    # cost (1.76x faster per image on an H200, benchmarks/RESULTS.md). Offloaded weights move
-    # between devices, so they stay unfused there.
-    if not getattr(args, "no_fuse", False) and not getattr(args, "cpu_offload", False):
-        pipe.fuse_loras(args.lora_scale)
-    return pipe
+    return FastFacePipeline.from_config(config)
 
 
 def licence_line(licence: dict[str, Any]) -> str:

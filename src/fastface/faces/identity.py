@@ -16,7 +16,7 @@ from .align import align_crop
 from .base import FaceBackend
 from .cache import EmbeddingCache, image_digest
 from .io import ImageSource, describe, detection_scale, load_image, pad, resize
-from .types import Face, Identity
+from .types import Face, Identity, check_embeddings
 
 DEFAULT_DET_SIZES = (640, 480, 320)  # retried in turn by backends with a fixed-size detector (SCRFD)
 PAD_RATIO = 0.35  # border added on each side for the last retry (face filling the frame)
@@ -259,10 +259,9 @@ def load_embedding(path: str | Path) -> Identity:
     except Exception as exc:  # numpy / safetensors raise many kinds for a corrupt file
         raise InputError(f"'{path}' is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     arr = np.asarray(arr)
-    if not np.issubdtype(arr.dtype, np.floating) or arr.ndim not in (1, 2) or 0 in arr.shape:
+    if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"'{path}' holds a {arr.dtype} array of shape {tuple(arr.shape)}; "
                          "expected float (D,) or (n, D)")
-    if not np.isfinite(arr).all() or (np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1) == 0).any():
-        raise InputError(f"'{path}' holds a zero, NaN or infinite embedding")
+    check_embeddings(arr, f"'{path}'")
     return Identity.from_embeddings(arr, backend=meta.get("backend", "external"),
                                     model=meta.get("model", "external"), sources=[str(p)])

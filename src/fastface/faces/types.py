@@ -6,6 +6,7 @@ Importing this module is cheap: no face backend (dlib, onnxruntime, OpenCV) is l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -60,15 +61,31 @@ class Identity:
     def from_embeddings(cls, embeddings: np.ndarray, backend: str = "external", model: str = "external",
                         sources: list[str] | None = None) -> Identity:
         """Build an identity from raw embedding(s) of shape (D,) or (n, D)."""
-        arr = np.asarray(embeddings, dtype=np.float32)
+        arr = check_embeddings(embeddings, "the embedding")
         if arr.ndim == 1:
             arr = arr[None]
-        if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
-            from ..errors import InputError
-
-            raise InputError(f"an identity embedding must have shape (D,) or (n, D), got {tuple(arr.shape)}")
         rows = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
         mean = rows.mean(axis=0)
         mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
         return cls(embedding=mean.astype(np.float32), embeddings=rows.astype(np.float32), backend=backend,
                    model=model, sources=list(sources or []))
+
+
+def check_embeddings(embeddings: Any, what: str) -> np.ndarray:
+    """Float32 copy of a (D,) or (n, D) real embedding array; InputError for anything else.
+
+    Refused: other shapes, non-numeric data, and zero, NaN or infinite vectors (they have no
+    direction, so no identity). ``what`` names the source in the message ("'id.npy'", "the embedding").
+    """
+    from ..errors import InputError
+
+    try:
+        raw = np.asarray(embeddings)
+    except Exception:  # ragged lists and other objects numpy cannot make an array of
+        raise InputError(f"{what} is not an array of numbers") from None
+    if raw.dtype.kind not in "fiu" or raw.ndim not in (1, 2) or 0 in raw.shape:
+        raise InputError(f"{what} holds a {raw.dtype} array of shape {tuple(raw.shape)}; expected float (D,) or (n, D)")
+    arr = raw.astype(np.float32)
+    if not np.isfinite(arr).all() or (np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1) == 0).any():
+        raise InputError(f"{what} holds a zero, NaN or infinite embedding")
+    return arr
