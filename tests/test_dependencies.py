@@ -84,7 +84,7 @@ blocked = %(blocked)r
 from pathlib import Path
 import numpy as np, torch
 import fastface
-from fastface.testing_pulid import build_tiny_pulid, EVA_CLIP_FILE, PARSING_FILE, PULID_V1_FILE, PULID_V11_FILE
+from fastface.testing import build_tiny_pulid, EVA_CLIP_FILE, PARSING_FILE, PULID_V1_FILE, PULID_V11_FILE
 from fastface.models.eva_clip import EVAVisionTower
 from fastface.models.face_parsing import BiSeNet
 from fastface.models.pulid_encoders import load_id_encoder

@@ -2,7 +2,7 @@
 
 Each module is checked against an independent straightforward computation written here from the
 published definitions (loops over heads, complex-number rotations, explicit softmax), on the tiny
-random weights in the official key layouts from :mod:`fastface.testing_pulid`. (During development
+random weights in the official key layouts from :mod:`fastface.testing`. (During development
 the same weights were also run through the official PuLID / facexlib modules: max relative
 difference 8e-7 for the EVA tower, 5e-7 for BiSeNet, 0 for both encoders.)
 """
@@ -21,7 +21,7 @@ from fastface.models.eva_clip import EVAVisionTower
 from fastface.models.face_parsing import BiSeNet, face_only_gray
 from fastface.models.pulid_attention import add_identity, identity_attention, ortho_v2_mass, pad_tokens
 from fastface.models.pulid_encoders import IDEncoder, IDFormer, load_id_encoder
-from fastface.testing_pulid import (
+from fastface.testing import (
     EVA_CLIP_FILE,
     PARSING_FILE,
     PULID_V1_FILE,

@@ -336,6 +336,7 @@ def load_backbone(
     loras: Sequence[Any] = (),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    spec: BackboneSpec | None = None,
 ) -> StableDiffusionXLPipeline:
     """Load backbone ``name`` as a diffusers ``StableDiffusionXLPipeline``.
 
@@ -347,7 +348,7 @@ def load_backbone(
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    spec = get_backbone(name)
+    spec = spec if spec is not None else get_backbone(name)  # ``spec``: e.g. with_scheduler(...) of ``name``
     _normalise_loras(loras)  # fail on a bad argument before loading anything
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

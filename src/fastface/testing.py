@@ -23,8 +23,28 @@ from .tiny import (
     tiny_model_dir,
     write_clip_tokenizer,
 )
+from .tiny_pulid import (
+    EVA_CLIP_FILE,
+    PARSING_FILE,
+    PULID_V1_FILE,
+    PULID_V11_FILE,
+    TINY_ANTELOPE_DIM,
+    TINY_BISENET,
+    TINY_EVA,
+    build_tiny_pulid,
+    tiny_pulid_dir,
+)
 
 __all__ = [
+    "EVA_CLIP_FILE",
+    "PARSING_FILE",
+    "PULID_V1_FILE",
+    "PULID_V11_FILE",
+    "TINY_ANTELOPE_DIM",
+    "TINY_BISENET",
+    "TINY_EVA",
+    "build_tiny_pulid",
+    "tiny_pulid_dir",
     "CLIP_MEAN",
     "CLIP_STD",
     "DISTILL_LORA_FILE",

@@ -1,7 +1,7 @@
 """Tiny random PuLID weights in the original file formats, for tests and offline demos.
 
 :func:`tiny_pulid_dir` writes, once per version, a folder beside the tiny SDXL of
-:mod:`fastface.testing` holding
+:mod:`fastface.tiny` holding
 
 - ``pulid_v1.bin`` (torch pickle) and ``pulid_v1.1.safetensors``: flat state dicts with the
   official keys, ``id_adapter.*`` (v1 ``IDEncoder``: 5 + 5 tokens; v1.1 ``IDFormer``: 32 queries,
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .testing import (
+from .tiny import (
     TINY_CROSS_ATTENTION_DIM,
     TINY_EMBEDDING_DIM,
     _processor_layout,
