@@ -81,36 +81,35 @@ PULID_FORBIDDEN = ("torchvision", "timm", "basicsr", "facexlib", "insightface", 
 _PULID_PROBE = """
 import json, sys
 blocked = %(blocked)r
-from pathlib import Path
 import numpy as np, torch
 import fastface
-from fastface.testing import build_tiny_pulid, EVA_CLIP_FILE, PARSING_FILE, PULID_V1_FILE, PULID_V11_FILE
-from fastface.models.eva_clip import EVAVisionTower
-from fastface.models.face_parsing import BiSeNet
-from fastface.models.pulid_encoders import load_id_encoder
-from fastface.models.pulid_face import align_face_512, eva_pixels
-from safetensors.torch import load_file
-folder = Path(sys.argv[1]); build_tiny_pulid(folder)
-tower = EVAVisionTower.from_state_dict(torch.load(folder / EVA_CLIP_FILE, weights_only=True))
-parser = BiSeNet.from_state_dict(torch.load(folder / PARSING_FILE, weights_only=True))
-photo = (np.random.default_rng(0).random((200, 180, 3)) * 255).astype(np.uint8)
-kps = np.array([[70, 80], [110, 80], [90, 105], [75, 125], [105, 125]], float)
-with torch.no_grad():
-    cls, hidden = tower(eva_pixels(align_face_512(photo, kps), parser, tower.image_size))
-    cond = torch.cat([torch.randn(1, 128), cls / cls.norm(dim=1, keepdim=True)], dim=1)
-    shapes = [list(load_id_encoder(torch.load(folder / PULID_V1_FILE, weights_only=True))(cond, hidden).shape),
-              list(load_id_encoder(load_file(str(folder / PULID_V11_FILE)))(cond, hidden).shape)]
+from fastface.faces.types import Identity
+from fastface.models.pulid_face import FFHQ_TEMPLATE_512
+from fastface.pipeline import FastFacePipeline
+portrait = sys.argv[1]
+shapes = []
+for adapter in ("pulid",):  # v1.1's IDFormer lives in the same modules
+    pipe = FastFacePipeline.from_pretrained("tiny", adapter, device="cpu", dtype=torch.float32)
+    unit = np.ones(128, np.float32) / np.sqrt(128)
+    face = Identity(embedding=unit, embeddings=unit[None], sources=[portrait],
+                    keypoints=[(FFHQ_TEMPLATE_512 * 0.5 + 20).astype(np.float32)])
+    cond = pipe.encode_identity(face)
+    result = pipe("a portrait", cond, steps=1, output_type="latent", progress=False)
+    shapes.append([list(cond.cond.shape), bool(torch.isfinite(result.latents).all())])
 print(json.dumps({"shapes": shapes, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in blocked),
                   "cv2": "cv2" in sys.modules}))
 """
 
 
-def test_pulid_networks_need_none_of_pulids_research_stack(tmp_path):
+def test_pulid_needs_none_of_pulids_research_stack(tiny_dir):
+    """PuLID end to end (EVA-CLIP, face parsing, encoders, the adapter, a generation) on the tiny models."""
     code = _PULID_PROBE % {"blocked": PULID_FORBIDDEN}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny")], capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    portrait = REPO_ROOT / "src" / "fastface" / "data" / "portrait.jpg"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTFACE_CACHE": str(tiny_dir.parent), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(portrait)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert state["shapes"] == [[1, 10, 64], [1, 32, 64]]
+    assert state["shapes"] == [[[1, 10, 64], True]]
     assert state["loaded"] == []
-    assert state["cv2"] is True  # the probe sees imports happen: alignment did load OpenCV
+    assert state["cv2"] is True  # the probe sees imports happen: the alignment did load OpenCV
