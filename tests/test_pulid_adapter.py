@@ -56,6 +56,16 @@ def test_registry_and_modes():
     assert spec_for_backbone("pulid-v1.1", "tiny").weight_name == PULID_V11_FILE
 
 
+def test_doctor_lists_the_three_files():
+    from fastface.doctor import probe_generation_models
+
+    entry = probe_generation_models()["adapters"]["pulid-v1.1"]
+    assert [f["file"] for f in entry["files"]] == ["pulid_v1.1.safetensors", "EVA02_CLIP_L_336_psz14_s6B.pt",
+                                                   "parsing_bisenet.pth"]
+    if entry["status"] != "present":  # offline test machines: says where each missing file comes from
+        assert "parsing_bisenet.pth into the adapter checkpoint's folder" in entry["how"]
+
+
 def test_loading_puts_the_identity_attention_on_every_cross_attention(tiny_dir, pulid_dir):
     from safetensors.torch import load_file
 

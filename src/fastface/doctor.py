@@ -190,6 +190,16 @@ def _weights(repo: str, filenames: list[str]) -> dict[str, Any]:
     return {"repo": repo, "file": filenames[0], "path": None}
 
 
+def _extra_file(extra: Any, checkpoint: str | None) -> dict[str, Any]:
+    """An adapter's extra file: from the hub cache, or (a download URL, e.g. PuLID's face parsing
+    weights) beside the adapter checkpoint, where the adapter looks for it."""
+    if not extra.repo.startswith(("https://", "http://")):
+        return _weights(extra.repo, [extra.filename])
+    beside = Path(checkpoint).parent / extra.filename if checkpoint else None
+    return {"repo": extra.repo, "file": extra.filename,
+            "path": str(beside) if beside is not None and beside.is_file() else None}
+
+
 def _base_model_files(repo: str) -> list[dict[str, Any]]:
     return [
         _weights(repo, ["model_index.json"]),
@@ -199,6 +209,8 @@ def _base_model_files(repo: str) -> list[dict[str, Any]]:
 
 
 def _how_to_get(item: dict[str, Any]) -> str:
+    if item["repo"].startswith(("https://", "http://")):
+        return f"download {item['repo']}/{item['file']} into the adapter checkpoint's folder"
     if item["file"].startswith("unet/") or item["file"].startswith("vae/") or item["file"] == "model_index.json":
         return (f"{HF_DOWNLOAD} {item['repo']} --include '*.json' '*.txt' '*model.fp16.safetensors' "
                 f"(or pass base_model=<local folder>)")
@@ -234,6 +246,7 @@ def probe_generation_models() -> dict[str, Any]:
         encoder = getattr(spec, "image_encoder", None)
         if encoder and encoder != "tiny":
             items += [_weights(encoder, ["config.json"]), _weights(encoder, ["model.safetensors"])]
+        items += [_extra_file(extra, items[0]["path"]) for extra in getattr(spec, "extra_files", ()) if extra.filename]
         out["adapters"][name] = _summarise(items)
     if backbones is None:
         out["backbones_note"] = "fastface.backbones is not part of this build"

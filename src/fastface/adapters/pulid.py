@@ -67,7 +67,8 @@ PULID_REPO = "guozinan/PuLID"
 EVA_CLIP_REPO = "QuanSun/EVA-CLIP"
 EVA_CLIP_FILE = "EVA02_CLIP_L_336_psz14_s6B.pt"
 PARSING_FILE = "parsing_bisenet.pth"
-PARSING_URL = "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"
+PARSING_RELEASE = "https://github.com/xinntao/facexlib/releases/download/v0.2.0"  # not on the hub
+PARSING_URL = f"{PARSING_RELEASE}/{PARSING_FILE}"
 _IMPLEMENTATION = "fastface.adapters.pulid:PuLIDAdapter"
 ORTHO_MODES = ("off", "v1", "v2")  # = fastface.models.pulid_attention.ORTHO_MODES (no torch import here)
 _LICENCES = (
@@ -78,7 +79,7 @@ _LICENCES = (
 )
 _EXTRA_FILES = (
     RequiredFile(EVA_CLIP_REPO, EVA_CLIP_FILE, "image encoder"),
-    RequiredFile(PARSING_URL, None, "face parsing"),
+    RequiredFile(PARSING_RELEASE, PARSING_FILE, "face parsing"),
 )
 
 
