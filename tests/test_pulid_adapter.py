@@ -182,3 +182,21 @@ def test_the_identity_and_the_id_scale_matter(engine):
     a0 = engine("a portrait", one, ip_scale=0.0, **kwargs).latents
     b0 = engine("a portrait", other, ip_scale=0.0, **kwargs).latents
     assert torch.equal(a0, b0) and not torch.allclose(a0, a)
+
+
+def test_official_recipe_is_a_configuration():
+    from fastface.config import GenerationConfig
+
+    resolved = GenerationConfig(prompts=("x",), backbone="lightning-4", adapter="pulid", method="none",
+                                scheduler="dpm++2m-trailing", cfg_scale=1.2,
+                                adapter_options={"num_zero": 8}).validate()
+    assert resolved.backbone.scheduler == "DPMSolverMultistepScheduler"
+    assert dict(resolved.backbone.scheduler_kwargs) == {"timestep_spacing": "trailing"}
+    assert (resolved.guidance.alpha, resolved.guidance.beta, resolved.guidance.rescale) == (1.2, 1.2, 0.0)
+    assert resolved.config.pipeline_kwargs()["scheduler"] == "dpm++2m-trailing"
+    with pytest.raises(ConfigError, match="unknown scheduler 'euler-x'"):
+        GenerationConfig(prompts=("x",), backbone="tiny", scheduler="euler-x").validate()
+    with pytest.raises(ConfigError, match="cfg_scale"):
+        GenerationConfig(prompts=("x",), backbone="tiny", cfg_scale=-1.0).validate()
+    with pytest.raises(ConfigError, match="unknown option"):
+        GenerationConfig(prompts=("x",), backbone="tiny", adapter="pulid", adapter_options={"pose": 1}).validate()
