@@ -110,3 +110,11 @@ def test_faceid_plus_needs_crops_and_uses_them(tiny_dir):
     assert (first.cond - second.cond).abs().max() > 1e-4  # the crop reaches the tokens
     torch.testing.assert_close(first.null, second.null)  # the null identity does not depend on it
     assert pipe.image_encoder is adapter.image_encoder
+
+
+def test_damaged_safetensors_checkpoint_is_one_clear_error(loaded, tmp_path):
+    pipe, _ = loaded
+    bad = tmp_path / "adapter.safetensors"
+    bad.write_bytes(b"\xff" * 8 + b"not a header")  # a header length far beyond the file
+    with pytest.raises(InputError, match=r"cannot read adapter checkpoint '.*adapter.safetensors'"):
+        load_adapter(pipe, "faceid", backbone="tiny", path=bad)

@@ -134,3 +134,67 @@ def test_concurrent_calls_equal_sequential_calls(pipe, embedding):
     assert not errors
     for index, expected in enumerate(sequential):
         assert torch.equal(results[index], expected), f"call {index} differs when run concurrently"
+
+
+def test_am_targets_every_identity_token_by_default(pipe):
+    # Two photos in concat mode: S = 8 tokens. The default manipulates all 8 (the published
+    # [0, 1, 2, 3] is the 4-token case), the same as naming all 8, unlike naming the first 4.
+    rng = np.random.default_rng(3)
+    two_photos = rng.standard_normal((2, 128)).astype(np.float32)
+    kwargs = {"output_type": "latent", "progress": False, "identity_mode": "concat", "method": "am", "seed": 4}
+    default = pipe(PROMPT, two_photos, **kwargs)
+    assert default.metadata[0]["identity"]["num_tokens"] == 8
+    assert default.metadata[0]["attention"]["tokens"] is None
+    every = pipe(PROMPT, two_photos, attention=AttentionManipulation.scale_power(tokens=range(8)), **kwargs)
+    first_four = pipe(PROMPT, two_photos, attention=AttentionManipulation.scale_power(tokens=[0, 1, 2, 3]), **kwargs)
+    assert torch.equal(default.latents, every.latents)
+    assert not torch.allclose(default.latents, first_four.latents, atol=1e-4)
+
+
+def test_branch_extras_reach_the_unet_with_each_branch_identity(tiny_dir, embedding):
+    # An adapter that adds a UNet input per batched call (as InstantID's ControlNet does) through the seam.
+    from fastface.adapters import load_adapter
+    from fastface.adapters.faceid import FaceIDAdapter
+    from fastface.backbones import get_backbone, load_backbone
+
+    class WithExtras(FaceIDAdapter):
+        uses_branch_extras = True
+
+        def __init__(self, base, strength):
+            super().__init__(base.spec, base.projection, base.checkpoint)
+            self.strength, self.calls = strength, []
+
+        def branch_extras(self, call):
+            self.calls.append(call)
+            # One value per row: + strength where the row's branch has the identity, 0 for ∅.
+            per_row = torch.tensor([float(with_id) for _, with_id in call.conditions]).repeat_interleave(call.count)
+            residual = self.strength * per_row.view(-1, 1, 1, 1).expand(-1, 64, 4, 4)
+            # The tiny UNet's skip connections (conv_in, 2 resnets + downsample, 2 attention blocks).
+            shapes = [(32, 8, 8)] * 3 + [(32, 4, 4)] + [(64, 4, 4)] * 2
+            down = tuple(torch.zeros(len(per_row), *shape, dtype=call.sample.dtype) for shape in shapes)
+            return {"down_block_additional_residuals": down,
+                    "mid_block_additional_residual": residual.to(call.sample.dtype)}
+
+        def extra_evaluations(self, conditions, count):
+            return {"controlnet": len(conditions) * count}
+
+    def build(strength):
+        sdxl = load_backbone("tiny", device="cpu", dtype=torch.float32)
+        adapter = WithExtras(load_adapter(sdxl, "faceid", backbone="tiny"), strength)
+        return FastFacePipeline(sdxl, get_backbone("tiny"), adapter), adapter
+
+    kwargs = {"output_type": "latent", "progress": False, "seed": 5, "num_images_per_prompt": 2}
+    silent, silent_adapter = build(0.0)
+    plain = FastFacePipeline.from_pretrained("tiny", "faceid", device="cpu", dtype=torch.float32)
+    result = silent(PROMPT, embedding, **kwargs)
+    torch.testing.assert_close(result.latents, plain(PROMPT, embedding, **kwargs).latents, rtol=0, atol=1e-6)
+    meta = result.metadata[0]
+    assert meta["extra_evaluations"] == {"controlnet": meta["unet_evaluations"]}
+    tokens = silent.encode_identity(embedding)
+    for call in silent_adapter.calls:
+        assert call.count == 2 and call.sample.shape[0] == 2 * len(call.conditions)
+        for chunk, (_, with_id) in zip(call.identity_tokens.chunk(len(call.conditions)), call.conditions):
+            expected = tokens.cond if with_id else tokens.null
+            assert torch.equal(chunk, expected.expand(2, -1, -1))
+    loud, _ = build(0.5)
+    assert not torch.allclose(loud(PROMPT, embedding, **kwargs).latents, result.latents, atol=1e-3)

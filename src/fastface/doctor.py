@@ -242,11 +242,14 @@ def probe_generation_models() -> dict[str, Any]:
         repo = getattr(spec, "repo", None)
         if not repo or repo == "tiny":
             continue
-        items = [_weights(repo, [spec.weight_name])]
-        encoder = getattr(spec, "image_encoder", None)
-        if encoder and encoder != "tiny":
-            items += [_weights(encoder, ["config.json"]), _weights(encoder, ["model.safetensors"])]
-        items += [_extra_file(extra, items[0]["path"]) for extra in getattr(spec, "extra_files", ()) if extra.filename]
+        # Every file the adapter declares (checkpoint, image encoder, ControlNet …); a folder is
+        # checked through its config and weights, a file from a download URL beside the checkpoint.
+        items = []
+        for needed in spec.required_files():
+            if needed.filename:
+                items.append(_extra_file(needed, items[0]["path"] if items else None))
+            else:
+                items += [_weights(needed.repo, ["config.json"]), _weights(needed.repo, ["model.safetensors"])]
         out["adapters"][name] = _summarise(items)
     if backbones is None:
         out["backbones_note"] = "fastface.backbones is not part of this build"

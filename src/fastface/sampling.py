@@ -126,6 +126,7 @@ def denoise(
     """The loop: per step one batched UNet call, branch combination, scheduler step."""
     from .adapters import UNetCall
 
+    with_extras = adapter is not None and adapter.uses_branch_extras and conditioning is not None
     bar = tqdm(total=len(inputs), desc=desc, disable=not progress, leave=False)
     try:
         with torch.no_grad():
@@ -135,7 +136,7 @@ def denoise(
                 if step.num_chunks > 1:
                     model_input = model_input.repeat(step.num_chunks, 1, 1, 1)
                 extras: dict[str, Any] = {}
-                if adapter is not None and conditioning is not None and step.identity_tokens is not None:
+                if with_extras and step.identity_tokens is not None:
                     extras = adapter.branch_extras(UNetCall(
                         step=step.plan.step, sample=model_input, timestep=t,
                         encoder_hidden_states=step.encoder_hidden_states, added_cond_kwargs=step.added_cond_kwargs,

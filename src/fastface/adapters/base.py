@@ -159,6 +159,10 @@ class UNetCall:
 class IdentityAdapter(ABC):
     """An identity adapter loaded into one SDXL pipeline (see the module docstring for the contract)."""
 
+    # True for adapters whose branch_extras adds UNet inputs (e.g. a ControlNet): the loop then
+    # calls it at every step; otherwise the loop does not even build the UNetCall.
+    uses_branch_extras: bool = False
+
     def __init__(self, spec: AdapterSpec, checkpoint: Path) -> None:
         self.spec = spec
         self.checkpoint = checkpoint
@@ -267,7 +271,10 @@ class IdentityAdapter(ABC):
         return {CONTEXT_KEY: context}
 
     def branch_extras(self, call: UNetCall) -> dict[str, Any]:
-        """Extra UNet keyword arguments for one batched call (e.g. ControlNet residuals); none here."""
+        """Extra UNet keyword arguments for one batched call (e.g. ControlNet residuals); none here.
+
+        Called only when :attr:`uses_branch_extras` is True.
+        """
         return {}
 
     def extra_evaluations(self, conditions: Sequence[tuple[bool, bool]], count: int) -> dict[str, int]:
