@@ -238,6 +238,12 @@ def test_zero_padding_takes_softmax_mass_and_am_leaves_it():
     # the manipulation uses PuLID's softmax over real + padding tokens, not one over the real ones
     assert not torch.allclose(out, torch.clamp(1.55 * (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) ** 1.3, max=10.0) @ v)
     assert torch.equal(identity_attention(q, kp, vp, real, am, part="mid", step=0), plain)  # mid not targeted
+    # softmask inverts the first token of every photo's group: two photos of 2 tokens differ from one of 4
+    soft = AttentionManipulation.softmask()
+    one = identity_attention(q, kp, vp, real, soft, part="down", step=1, tokens_per_photo=4)
+    two = identity_attention(q, kp, vp, real, soft, part="down", step=1, tokens_per_photo=2)
+    assert torch.isfinite(one).all() and not torch.allclose(one, two)
+    assert torch.equal(identity_attention(q, kp, vp, real, soft, part="down", step=1), one)  # default: one photo
 
 
 def test_orthogonal_joins():

@@ -185,7 +185,8 @@ def pulid_processor_class():
                 id_key = self.id_to_k(padded).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
                 id_value = self.id_to_v(padded).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
                 identity = identity_attention(query, id_key, id_value, tokens.shape[1], context.attention,
-                                              part=self.part, step=context.step)
+                                              part=self.part, step=context.step,
+                                              tokens_per_photo=context.tokens_per_photo)
                 identity = identity.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
                 mass = ortho_v2_mass(query, id_key, context.ortho_tokens) if context.ortho == "v2" else None
                 hidden_states = add_identity(hidden_states, identity, context.scale, context.ortho, mass)

@@ -48,17 +48,19 @@ def identity_attention(
     am: AttentionManipulation | None = None,
     part: str = "down",
     step: int = 0,
+    tokens_per_photo: int | None = None,
 ) -> Tensor:
     """``P V`` over real + padding tokens, AM on the first ``num_real`` columns where targeted.
 
     query (B, h, L, d), key/value (B, h, S + Z, d) -> (B, h, L, d) in the query's dtype.
+    ``tokens_per_photo``: the real tokens are photos of that many tokens (softmask's inversion).
     """
     if am is None or not am.targets(part, step):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
     work = torch.promote_types(query.dtype, torch.float32)
     q, k, v = query.to(work), key.to(work), value.to(work)
     probs = attention_probs(q, k)
-    real = manipulate_probs(probs[..., :num_real], am, part, step)
+    real = manipulate_probs(probs[..., :num_real], am, part, step, tokens_per_photo)
     changed = torch.cat([real, probs[..., num_real:]], dim=-1) if num_real < probs.shape[-1] else real
     out = changed @ v
     if am.mode == "softmask":
