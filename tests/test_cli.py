@@ -70,11 +70,12 @@ def test_presets_lists_everything(cli_env):
     backbones = {b["name"] for b in table["backbones"]}
     assert {"sdxl", "hyper-1", "hyper-2", "hyper-4", "hyper-8", "lcm", "lightning-2", "lightning-4",
             "lightning-8", "turbo", "dmd2", "tcd", "tiny"} <= backbones
-    assert {a["name"] for a in table["adapters"]} >= {"faceid", "faceid-plusv2"}
+    assert {a["name"] for a in table["adapters"]} >= {"faceid", "faceid-plusv2", "pulid", "pulid-style", "pulid-v1.1"}
     assert {m["name"] for m in table["methods"]} == {"fastface", "fastface-softmask", "dcg", "am", "none"}
     assert all(b["licence"] for b in table["backbones"])
     human = fastface(cli_env, "presets")
     assert human.returncode == 0 and "licence" in human.stdout
+    assert "pulid-v1.1" in human.stdout and "method presets not tuned for it" in human.stdout
 
 
 def test_non_image_face(cli_env, tmp_path):

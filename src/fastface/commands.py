@@ -306,6 +306,8 @@ def run_presets(args: argparse.Namespace) -> int:
         print(f"  {a['name']:<13} {a.get('repo', '')}/{a.get('weight_name', '')}"
               f" ({a.get('embedding_dim', '?')}-d embedding{extra})")
         print(f"  {'':<13} licence: {a.get('licence', '?')}")
+        if a.get("presets_tuned") is False:
+            print(f"  {'':<13} method presets not tuned for it (tuned on FaceID's 4 tokens): a starting point")
     print("\nMETHODS")
     for m in table["methods"]:
         print(f"  {m['name']:<18} {m.get('description', '')}")

@@ -25,11 +25,17 @@ Modes of the official code (``app.py`` / ``app_v1_1.py``), as adapter settings:
 - ``pulid-style`` (v1 "extremely style"): 16 zero tokens, orthogonal projection v1;
 - ``pulid-v1.1``: 20 zero tokens, orthogonal projection v2 (its app's defaults).
 
+Per call, ``adapter_options={"num_zero": N, "ortho": "off" | "v1" | "v2"}`` overrides the mode (the
+official v1.1 app's "num zero" slider); they travel in the conditioning's ``extras`` to
+:meth:`PuLIDAdapter.attention_kwargs`.
+
 Where FastFace departs, on purpose: the face keypoints come from FastFace's face backend (the
 official code detects them again with facexlib's RetinaFace), the encoders run in float32 on the
 pipeline's device (as the official code: it never casts them), and several photos are encoded as
 the official multi-photo input of v1.1 (jointly) or, for v1, per photo then concatenated
-(``concat``, the official "id mix") or averaged token-wise (``mean``, an extension).
+(``concat``, the official "id mix") or averaged token-wise (``mean``, an extension). A zero text
+output (FastFace's null text is all-zero embeddings) has a zero orthogonal projection instead of
+the official 0/0.
 """
 
 from __future__ import annotations
