@@ -41,6 +41,7 @@ the official 0/0.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,7 +392,14 @@ class PuLIDAdapter(IdentityAdapter):
         return faces
 
     def _raw_embeddings(self, identity: Identity) -> np.ndarray:
+        """The recogniser's un-normalised embeddings (PuLID's input), where the face module kept them."""
         raw = getattr(identity, "raw_embeddings", None)
+        if raw is None and identity.backend in ("antelopev2", "arcface", "buffalo_l", "auraface"):
+            warnings.warn(
+                f"the {identity.backend} embedding reached PuLID L2-normalised (the face module kept no raw "
+                "embedding); PuLID was trained on raw antelopev2 embeddings (norm about 20-30)",
+                UserWarning, stacklevel=3,
+            )
         return np.asarray(raw if raw is not None else identity.embeddings, dtype=np.float32)
 
     def encode(self, identity: Identity, mode: str = "mean", **options: Any) -> IdentityConditioning:
