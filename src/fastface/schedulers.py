@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
 
 class KarrasDPMSolverPP2MScheduler(SchedulerMixin, ConfigMixin):
     """DPM-Solver++(2M) with Karras sigmas (ρ = 7), k-diffusion's formulation, ε-prediction."""
 
     order = 1
-    _compatibles: list[str] = []
+    # Built from an SDXL pipeline's scheduler config: the other schedulers' keys are expected, not warned about.
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
