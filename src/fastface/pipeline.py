@@ -366,6 +366,9 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
                 self, prompt, method, guidance, attention, steps, height, width, output_type, ip_scale,
                 lora_scale, num_images_per_prompt, negative_prompt, limits,
             )
+            num_prompts = len(prompt_embeds) if prompt_embeds is not None else len(check_prompts(prompt or "", "prompt"))
+            num_images = check_num_images(num_images_per_prompt, num_prompts, limits) * num_prompts
+            seeds = check_seeds(seed, num_images)
             clock.mark("identity")
             # 2. identity conditioning: once per call (or reused from the caller)
             conditioning = self._identity_conditioning(face, identity_tokens, identity_mode, adapter_options or {})
@@ -373,8 +376,6 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
             # 3. text conditions
             embeds = self._prompt_embeds(prompt, negative_prompt, prompt_embeds)
             clock.mark("setup")
-            num_images = check_num_images(num_images_per_prompt, len(embeds), limits) * len(embeds)
-            seeds = check_seeds(seed, num_images)
             # 4. sampling set-up: LoRAs, scheduler, noise, every step's UNet inputs
             run = _set_up(self, request, embeds, num_images_per_prompt, conditioning, seeds)
             clock.mark("loop")
