@@ -72,7 +72,7 @@ def test_presets_lists_everything(cli_env):
             "lightning-8", "turbo", "dmd2", "tcd", "tiny"} <= backbones
     adapters = {a["name"]: a for a in table["adapters"]}
     assert set(adapters) >= {"faceid", "faceid-plusv2", "plus-face", "faceid-portrait", "faceid-portrait-unnorm",
-                             "instantid"}
+                             "instantid", "pulid", "pulid-style", "pulid-v1.1"}
     instantid = " ".join(adapters["instantid"]["licence"])
     assert "Apache-2.0" in instantid and "antelopev2" in instantid and "non-commercial" in instantid
     assert adapters["instantid"]["files"] == ["InstantX/InstantID/ip-adapter.bin", "InstantX/InstantID/ControlNetModel"]
@@ -81,7 +81,8 @@ def test_presets_lists_everything(cli_env):
     assert all(b["licence"] for b in table["backbones"])
     human = fastface(cli_env, "presets")
     assert human.returncode == 0 and "licence" in human.stdout
-    assert human.stdout.count("not tuned for this adapter") == 4  # the four new adapters
+    assert human.stdout.count("not tuned for this adapter") == 7  # plus-face, 2 portrait, instantid, 3 pulid
+    assert "pulid-v1.1" in human.stdout
 
 
 def test_non_image_face(cli_env, tmp_path):

@@ -71,9 +71,13 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescale-on", choices=("all", "guided"), default=None)
     parser.add_argument("--face-backend", default=None, help="face encoder (default: the adapter's own)")
     parser.add_argument("--base-model", default=None, help="custom SDXL base: hub id, diffusers folder or .safetensors")
+    parser.add_argument("--scheduler", default=None,
+                        help="sample with another scheduler: dpm++2m-trailing (PuLID v1), dpm++2m-karras-k (PuLID v1.1)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="the backbone's stock CFG scale (methods without their own guidance, e.g. none)")
     parser.add_argument("--adapter-path", default=None, help="local adapter checkpoint instead of the hub's")
     parser.add_argument("--image-encoder", default=None,
-                        help="local CLIP image encoder (faceid-plusv2, plus-face)")
+                        help="local image encoder: CLIP folder (faceid-plusv2, plus-face), EVA02-CLIP file (pulid)")
     parser.add_argument("--controlnet-scale", type=float, default=None,
                         help="instantid: scale of the IdentityNet ControlNet's residuals (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -123,6 +127,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         rescale_on=args.rescale_on,
         face_backend=args.face_backend,
         base_model=args.base_model,
+        scheduler=getattr(args, "scheduler", None),
+        cfg_scale=getattr(args, "cfg_scale", None),
         adapter_path=args.adapter_path,
         image_encoder=args.image_encoder,
         loras=tuple(parse_lora(item) for item in args.lora),

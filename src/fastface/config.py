@@ -279,6 +279,8 @@ class GenerationConfig:
     adapter_options: tuple[tuple[str, Any], ...] = ()
     face_backend: str | None = None
     base_model: str | None = None
+    scheduler: str | None = None  # backbones.SCHEDULERS name: an adapter's own sampler (PuLID)
+    cfg_scale: float | None = None  # the backbone's stock CFG scale, replaced
     adapter_path: str | None = None
     image_encoder: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
@@ -320,13 +322,13 @@ class GenerationConfig:
         """Check every name and number; no model loads. Raises ConfigError/InputError (one line)."""
         from .adapters import spec_for_backbone
         from .attention import AttentionManipulation
-        from .backbones import get_backbone
+        from .backbones import get_backbone, with_scheduler
         from .guidance import plan_steps
         from .presets import get_method
 
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a Limits, got {type(self.limits).__name__}")
-        backbone = get_backbone(self.backbone)
+        backbone = with_scheduler(get_backbone(self.backbone), self.scheduler, self.cfg_scale)
         adapter = spec_for_backbone(self.adapter, backbone.name) if self.adapter is not None else None
         method = get_method(self.method)
         if self.prompts:
@@ -378,6 +380,8 @@ class GenerationConfig:
             "backbone": self.backbone,
             "adapter": self.adapter,
             "base_model": self.base_model,
+            "scheduler": self.scheduler,
+            "cfg_scale": self.cfg_scale,
             "adapter_path": self.adapter_path,
             "image_encoder": self.image_encoder,
             "loras": list(self.loras),

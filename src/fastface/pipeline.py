@@ -45,6 +45,7 @@ from .backbones import (
     load_vae,
     resolve_vae,
     vae_scale_factor,
+    with_scheduler,
 )
 from .config import (
     DEFAULT_LIMITS,
@@ -170,6 +171,8 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
         vae: str | os.PathLike | None = None,
         vae_tiling: bool = False,
         cpu_offload: bool = False,
+        scheduler: str | None = None,
+        cfg_scale: float | None = None,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
 
@@ -184,8 +187,9 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
         memory independent of the image size; no effect on images smaller than one tile).
         ``cpu_offload`` keeps every model on the CPU and moves each to ``device`` (a CUDA device)
         only while it runs (diffusers' model CPU offload): slower, far less GPU memory.
+        ``scheduler``/``cfg_scale``: another sampler and stock CFG scale (:func:`backbones.with_scheduler`).
         """
-        spec = get_backbone(backbone)
+        spec = with_scheduler(get_backbone(backbone), scheduler, cfg_scale)
         if adapter is not None:
             from .adapters import get_adapter
 
@@ -198,7 +202,7 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
         vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
         # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
         load_device = torch.device("cpu") if cpu_offload else device
-        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype)
+        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype, spec=spec)
         if vae_choice is not None:
             replace_vae(sdxl, load_vae(vae_choice, dtype), vae_choice.name)
             sdxl.vae.to(load_device)
@@ -519,7 +523,7 @@ def _set_up(
         identity=None if conditioning is None else conditioning.cond.to(device, dtype),
         null_identity=None if conditioning is None else conditioning.null.to(device, dtype),
     )
-    attention_kwargs = [_attention_kwargs(pipe, step, request) for step in inputs]
+    attention_kwargs = [_attention_kwargs(pipe, step, request, conditioning) for step in inputs]
     run = _Run(
         scheduler, latents, timesteps, timesteps_host, inputs, attention_kwargs,
         sampling.step_kwargs(scheduler, pipe.backbone, generators),
@@ -531,12 +535,14 @@ def _set_up(
         pipe.sdxl.maybe_free_model_hooks()
     return run
 
-def _attention_kwargs(pipe: FastFacePipeline, step: StepInputs, request: _Request) -> dict[str, Any] | None:
+def _attention_kwargs(
+    pipe: FastFacePipeline, step: StepInputs, request: _Request, conditioning: IdentityConditioning | None
+) -> dict[str, Any] | None:
     if pipe.adapter is None or step.identity_tokens is None:
         return None
     return pipe.adapter.attention_kwargs(
         step.identity_tokens, scale=request.ip_scale, step=step.plan.step, attention=request.attention,
-        am_kernel=pipe._am_kernel,
+        am_kernel=pipe._am_kernel, conditioning=conditioning,
     )
 
 
