@@ -32,7 +32,7 @@ def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: boo
         pipe = FastFacePipeline.from_pretrained(backbone="tiny", adapter=adapter, device="cpu")
         for method in METHODS:
             result = pipe(prompt, face=identity, method=method, seed=seed, progress=False)
-            [path] = write_images(result, out / adapter, stem=method)
+            [path] = write_images(result, out / adapter, stem=method, overwrite=True)  # the demo's own folder
             meta = result.metadata[0]
             rows.append({
                 "adapter": adapter,

@@ -262,7 +262,12 @@ def load_embedding(path: str | Path) -> Identity:
     if not np.issubdtype(arr.dtype, np.floating) or arr.ndim not in (1, 2) or 0 in arr.shape:
         raise InputError(f"'{path}' holds a {arr.dtype} array of shape {tuple(arr.shape)}; "
                          "expected float (D,) or (n, D)")
-    if not np.isfinite(arr).all() or (np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1) == 0).any():
+    with np.errstate(over="ignore"):  # an overflowing norm is refused by Identity.from_embeddings
+        zero = (np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1) == 0).any()
+    if not np.isfinite(arr).all() or zero:
         raise InputError(f"'{path}' holds a zero, NaN or infinite embedding")
-    return Identity.from_embeddings(arr, backend=meta.get("backend", "external"),
-                                    model=meta.get("model", "external"), sources=[str(p)])
+    try:
+        return Identity.from_embeddings(arr, backend=meta.get("backend", "external"),
+                                        model=meta.get("model", "external"), sources=[str(p)])
+    except InputError as exc:
+        raise InputError(f"'{path}': {exc}") from None

@@ -60,14 +60,32 @@ class Identity:
     def from_embeddings(cls, embeddings: np.ndarray, backend: str = "external", model: str = "external",
                         sources: list[str] | None = None) -> Identity:
         """Build an identity from raw embedding(s) of shape (D,) or (n, D)."""
-        arr = np.asarray(embeddings, dtype=np.float32)
-        if arr.ndim == 1:
-            arr = arr[None]
-        if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
-            from ..errors import InputError
+        with np.errstate(over="ignore", invalid="ignore"):
+            source = np.asarray(embeddings)
+            arr = source.astype(np.float32)
+            if arr.ndim == 1:
+                arr, source = arr[None], source[None]
+            if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
+                from ..errors import InputError
 
-            raise InputError(f"an identity embedding must have shape (D,) or (n, D), got {tuple(arr.shape)}")
-        rows = arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-12)
+                raise InputError(f"an identity embedding must have shape (D,) or (n, D), got {tuple(arr.shape)}")
+            norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        for row in range(arr.shape[0]):
+            # float32 overflows at 3.4e38: values near it (or a float64 array beyond it) give an
+            # infinite norm, and dividing by it would leave an all-zero identity, not an error.
+            problem = None
+            if not np.isfinite(source[row].astype(np.float64)).all():
+                problem = "holds NaN or infinite values"
+            elif not np.isfinite(norms[row, 0]) or not np.isfinite(arr[row]).all():
+                largest = float(np.abs(source[row].astype(np.float64)).max())
+                problem = f"has values too large for float32 (largest |value| {largest:.3g}; its norm overflows)"
+            elif norms[row, 0] == 0:
+                problem = "is all zero"
+            if problem:
+                from ..errors import InputError
+
+                raise InputError(f"embedding row {row} {problem}; expected a face embedding (an L2-normalised vector)")
+        rows = arr / np.maximum(norms, 1e-12)
         mean = rows.mean(axis=0)
         mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
         return cls(embedding=mean.astype(np.float32), embeddings=rows.astype(np.float32), backend=backend,
