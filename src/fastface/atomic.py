@@ -110,27 +110,36 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.abspath(os.path.realpath(a)) == os.path.abspath(os.path.realpath(b))
 
 
-def ensure_writable_dir(folder: str | os.PathLike, what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written in it, before any long work.
+def ensure_writable_dir(folder: str | os.PathLike, what: str, *, create: bool = True) -> Path:
+    """Prove a file can be written in ``folder`` (created if ``create``), before any long work.
 
     ``what`` names the option in messages (``--out``, ``--run-dir``). A read-only folder or file
     system, a path under a file, or a full disk is one :class:`InputError` line now, not a
-    traceback after minutes of generation.
+    traceback after minutes of generation. Without ``create`` nothing is left behind: the probe
+    is written in the nearest folder that exists.
     """
     path = Path(folder).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise InputError(f"{what} {folder} exists and is not a folder") from None
-    except NotADirectoryError:
-        raise InputError(f"{what} {folder} is under a file, not a folder: {_file_above(path)} is a file") from None
-    except PermissionError:
-        raise InputError(f"{what} {folder} cannot be created (permission denied)") from None
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise DiskFullError(path) from None
-        raise InputError(f"{what} {folder} cannot be created ({exc.strerror or exc})") from None
-    probe = path / f".fastface-write-test.{os.getpid()}"
+    if os.path.lexists(path) and not path.is_dir():
+        raise InputError(f"{what} {folder} exists and is not a folder")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise InputError(f"{what} {folder} exists and is not a folder") from None
+        except NotADirectoryError:
+            raise InputError(f"{what} {folder} is under a file, not a folder: {_file_above(path)} is a file") from None
+        except OSError as exc:
+            _refuse(exc, what, folder, path)
+        probe_in = path
+    else:
+        probe_in = path
+        while not probe_in.exists() and probe_in != probe_in.parent:
+            if os.path.lexists(probe_in):  # a dangling link
+                raise InputError(f"{what} {folder} cannot be created: {probe_in} is a broken link")
+            probe_in = probe_in.parent
+        if not probe_in.is_dir():
+            raise InputError(f"{what} {folder} is under a file, not a folder: {probe_in} is a file")
+    probe = probe_in / f".fastface-write-test.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -138,13 +147,23 @@ def ensure_writable_dir(folder: str | os.PathLike, what: str) -> Path:
         finally:
             os.close(fd)
     except OSError as exc:
-        if is_disk_full(exc):
-            raise DiskFullError(path) from None
-        reason = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc)).lower()
-        raise InputError(f"{what} {folder} is not writable ({reason})") from None
+        _refuse(exc, what, folder, probe_in)
     finally:
         probe.unlink(missing_ok=True)
     return path
+
+
+def _refuse(exc: OSError, what: str, folder: str | os.PathLike, where: Path) -> None:
+    if is_disk_full(exc):
+        raise DiskFullError(where) from None
+    if exc.errno == errno.EROFS:
+        reason = "read-only file system"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    else:
+        reason = (exc.strerror or str(exc)).lower()
+    place = "" if Path(where) == Path(folder).expanduser() else f" (in {where})"
+    raise InputError(f"{what} {folder} is not writable{place}: {reason}") from None
 
 
 def _file_above(path: Path) -> Path:

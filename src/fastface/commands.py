@@ -294,7 +294,7 @@ def _input_at(target: Path, inputs: Sequence[tuple[str, Path]]) -> str | None:
 def check_output(out: Path, *, single_file: bool, overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
     """Refuse, before any model loads, an output that cannot be written or would replace a file."""
     if not single_file:
-        ensure_writable_dir(out, "--out")
+        ensure_writable_dir(out, "--out", create=False)
         return
     for target in (out, out.with_suffix(".json")):  # the image and its metadata sidecar
         option = _input_at(target, inputs)
@@ -306,7 +306,7 @@ def check_output(out: Path, *, single_file: bool, overwrite: bool, inputs: Seque
         if os.path.lexists(target) and not overwrite:
             raise InputError(f"--out {out} would replace the existing file {target}; choose another name, "
                              "or pass --overwrite to replace it")
-    ensure_writable_dir(out.parent if str(out.parent) else Path("."), "--out folder")
+    ensure_writable_dir(out.parent, "--out folder", create=False)
 
 
 def _save_image(image: Any, path: Path, *, fmt_from: Path) -> None:

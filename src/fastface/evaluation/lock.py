@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..atomic import disk_full_as_error
 from ..errors import FastFaceError
 
 LOCK_NAME = ".lock"
@@ -114,8 +115,11 @@ class RunLock:
                          "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "command": " ".join(["fastface", *sys.argv[1:]]) if sys.argv else ""}
                 data = json.dumps(owner).encode()
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, data, 0)
+                with disk_full_as_error(self.path):
+                    # Over the old bytes first, then cut: no new page is needed for a name of the
+                    # same size, so a nearly full disk still gets its owner named.
+                    os.pwrite(fd, data, 0)
+                    os.ftruncate(fd, len(data))
                 if group.startswith("launch:"):
                     # Let the other ranks in; a stranger that slipped in between is caught below.
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

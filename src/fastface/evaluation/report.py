@@ -162,7 +162,8 @@ def image_grid(run_dir: Path, records: dict[str, dict], split: str, out: Path, d
             sheet.paste(_thumb(run_dir / record["image"]), (x, y))
             draw.text((x, y + THUMB + 2), prompt_id, fill=(0, 0, 0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    with atomic_path(out) as tmp:  # a full disk leaves no half-written picture
+        sheet.save(tmp, format="PNG")
     return out
 
 
@@ -213,7 +214,8 @@ def cost_plot(runs: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 

@@ -430,7 +430,8 @@ def image_path(run_dir: Path, sample: str) -> Path:
 
 
 RECORD_KEYS = ("sample", "identity", "prompt_id", "seed_index", "seed", "image", "image_sha256")
-REPAIR_HINT = "rerun the run's command (its REPRODUCE.md) on this folder: it regenerates damaged samples"
+REPAIR_HINT = ("rerun `fastface eval run` on this folder with the run's options (see its REPRODUCE.md): "
+               "it regenerates damaged samples")
 
 
 def check_record(path: Path) -> tuple[dict | None, str | None]:
