@@ -1,7 +1,7 @@
 """Files that appear whole or not at all, never over a file they must not replace.
 
 Every writer goes through a temporary file beside its target: written, flushed to disk, then
-renamed over the target (``atomic_path``) or linked to a name nobody holds yet (``commit_new``).
+renamed over the target (``atomic_path``) or linked to a name nobody holds yet (``link_new``).
 A full disk becomes one :class:`DiskFullError` line naming the file, and the temporary is removed,
 so a half-written file is never left behind nor mistaken for a finished one.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ def tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp{os.getpid()}")
 
 
-def _flush(path: Path) -> None:
+def flush_to_disk(path: Path) -> None:
     # A delayed write error (a full disk on a network or copy-on-write file system) shows up here,
     # before the rename, not later as a truncated "finished" file.
     with open(path, "rb+") as fh:
@@ -68,7 +69,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         with disk_full_as_error(final):
             yield tmp
-            _flush(tmp)
+            flush_to_disk(tmp)
             os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -79,27 +80,32 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def commit_new(tmp: Path, final: Path) -> bool:
-    """Give ``tmp`` the name ``final`` only if no file has it; False (``tmp`` kept) when one does.
+def link_new(tmp: Path, final: Path) -> bool:
+    """Give ``final`` the content of ``tmp`` only if no file has that name; False when one does.
 
-    A hard link is the one rename that never replaces; where the file system has none (FAT, some
-    network shares) an existence check stands in, which two writers racing for one name could beat.
+    ``tmp`` stays (the caller may try another name). A hard link is the one way to name a file
+    that never replaces; where the file system has none (FAT, some shares) an existence check
+    and a rename of a copy stand in, which two writers racing for one name could beat.
     """
     with disk_full_as_error(final):
-        _flush(tmp)
         try:
             os.link(tmp, final)
+            return True
         except FileExistsError:
             return False
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                 raise
-            if os.path.lexists(final):
-                return False
-            os.replace(tmp, final)
-            return True
-    tmp.unlink(missing_ok=True)
-    return True
+        if os.path.lexists(final):
+            return False
+        copy = tmp.with_name(tmp.name + "-copy")
+        try:
+            shutil.copyfile(tmp, copy)
+            flush_to_disk(copy)
+            os.replace(copy, final)
+        finally:
+            copy.unlink(missing_ok=True)
+        return True
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -142,13 +148,14 @@ def ensure_writable_dir(folder: str | os.PathLike, what: str, *, create: bool = 
     probe = probe_in / f".fastface-write-test.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, b"x")
-        finally:
-            os.close(fd)
+    except OSError as exc:
+        _refuse(exc, what, folder, probe_in)
+    try:
+        os.write(fd, b"x")
     except OSError as exc:
         _refuse(exc, what, folder, probe_in)
     finally:
+        os.close(fd)
         probe.unlink(missing_ok=True)
     return path
 

@@ -13,13 +13,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .atomic import commit_new, disk_full_as_error, ensure_writable_dir, same_file, tmp_name
+from .atomic import disk_full_as_error, ensure_writable_dir, flush_to_disk, link_new, same_file, tmp_name
 from .errors import ConfigError, InputError
 
 EMBEDDING_SUFFIXES = {".npy", ".safetensors"}
@@ -306,32 +305,10 @@ def check_output(out: Path, *, single_file: bool, overwrite: bool, inputs: Seque
         if os.path.lexists(target) and not overwrite:
             raise InputError(f"--out {out} would replace the existing file {target}; choose another name, "
                              "or pass --overwrite to replace it")
+    above = next((parent for parent in out.parents if os.path.lexists(parent)), Path("."))
+    if not above.is_dir():
+        raise InputError(f"--out {out} is under a file, not a folder: {above} is a file")
     ensure_writable_dir(out.parent, "--out folder", create=False)
-
-
-def _save_image(image: Any, path: Path, *, fmt_from: Path) -> None:
-    image.save(path, format=Image.registered_extensions().get(fmt_from.suffix.lower(), "PNG"))
-
-
-def _save_text(text: str, path: Path) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
-def _place(write: Any, target: Path, *, replace: bool) -> bool:
-    """``write(tmp)`` then give it the name ``target``: over an old file only with ``replace``;
-    False when the name was taken. A failed write leaves no temporary behind."""
-    tmp = tmp_name(target)
-    try:
-        with disk_full_as_error(target):
-            write(tmp)
-            if replace:
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-                return True
-        return commit_new(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str = "image", overwrite: bool = False,
@@ -340,39 +317,50 @@ def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str
 
     In a folder, image i of prompt p with seed s is ``{stem}_p{p:02d}_seed{s}.png``; when that name
     (or its sidecar's) is taken, ``_2``, ``_3``... is added, so earlier images are kept, unless
-    ``overwrite``. A file in ``protected`` (the command's inputs) is never replaced.
+    ``overwrite``. A file in ``protected`` (the command's inputs) is never replaced. Image and
+    sidecar are both written in full before either gets its name, so a full disk leaves neither.
     """
     written: list[Path] = []
-    if single_file:
-        with disk_full_as_error(out.parent):
-            out.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        with disk_full_as_error(out):
-            out.mkdir(parents=True, exist_ok=True)
+    folder = out.parent if single_file else out
+    with disk_full_as_error(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     for position, (image, meta) in enumerate(zip(result.images, result.metadata)):
         index = int(meta.get("index", position))
-        sidecar_text = json.dumps(meta, indent=2, default=str)
         if single_file:
             candidates: Any = [out]
         else:
             base = f"{stem}_p{index // max(1, images_per_prompt):02d}_seed{meta.get('seed', index)}"
             candidates = (out / (base + (f"_{n}" if n > 1 else "") + ".png") for n in range(1, 1_000_000))
-        for target in candidates:
-            sidecar = target.with_suffix(".json")
-            if any(_input_at(path, protected) for path in (target, sidecar)):
-                continue
-            replace = overwrite
-            if not replace and (os.path.lexists(target) or os.path.lexists(sidecar)):
-                continue
-            if not _place(partial(_save_image, image, fmt_from=target), target, replace=replace):
-                continue  # another writer took the name a moment ago
-            if not _place(partial(_save_text, sidecar_text), sidecar, replace=replace):
-                target.unlink(missing_ok=True)
-                continue
-            written.append(target)
-            break
-        else:
-            raise InputError(f"--out {out}: no free file name for image {index}; choose another output")
+        suffix = out.suffix.lower() if single_file else ".png"
+        tmp_image = tmp_name(folder / f"{stem}-{index}{suffix}")
+        tmp_meta = tmp_name(folder / f"{stem}-{index}.json")
+        try:
+            with disk_full_as_error(folder / f"{stem}-{index}{suffix}"):
+                image.save(tmp_image, format=Image.registered_extensions().get(suffix, "PNG"))
+                flush_to_disk(tmp_image)
+                tmp_meta.write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+                flush_to_disk(tmp_meta)
+            for target in candidates:
+                sidecar = target.with_suffix(".json")
+                if any(_input_at(path, protected) for path in (target, sidecar)):
+                    continue
+                if overwrite:
+                    os.replace(tmp_image, target)
+                    os.replace(tmp_meta, sidecar)
+                    break
+                if os.path.lexists(target) or os.path.lexists(sidecar) or not link_new(tmp_image, target):
+                    continue  # taken (perhaps by another writer a moment ago)
+                if not link_new(tmp_meta, sidecar):
+                    target.unlink(missing_ok=True)
+                    continue
+                break
+            else:
+                raise InputError(f"--out {out}: no free file name for image {index}; nothing was replaced "
+                                 "(pass --overwrite to replace, or choose another output)")
+        finally:
+            tmp_image.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
+        written.append(target)
     return written
 
 

@@ -77,6 +77,13 @@ def describe_owner(owner: dict | None) -> str:
     return text
 
 
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith(("fastface", os.path.join("fastface", "cli.py"), os.path.join("fastface", "__main__.py")))):
+        argv[0] = "fastface"  # the CLI, however it was started
+    return " ".join(argv)
+
+
 class RunLock:
     """The lock on one run folder; release it (or leave the ``with`` block) when done writing."""
 
@@ -113,7 +120,7 @@ class RunLock:
                 # Exclusive: nobody holds the folder; whatever the file says is a finished or dead writer.
                 owner = {"pid": os.getpid(), "host": socket.gethostname(), "group": group, "what": what,
                          "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         "command": " ".join(["fastface", *sys.argv[1:]]) if sys.argv else ""}
+                         "command": _command()}
                 data = json.dumps(owner).encode()
                 with disk_full_as_error(self.path):
                     # Over the old bytes first, then cut: no new page is needed for a name of the
