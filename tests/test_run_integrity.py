@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fastface
 from fastface.errors import InputError
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(fastface.__file__).resolve().parents[1])  # the fastface under test, for the subprocesses
 
 
 # --- one writer per run folder ------------------------------------------------------------------
