@@ -31,6 +31,16 @@ def _records(run_dir: Path) -> int:
     return len([p for p in folder.glob("*.json") if not p.name.startswith(".")]) if folder.is_dir() else 0
 
 
+def _verify(run_dir: Path, straight: Path) -> dict:
+    """A finished folder against the uninterrupted one: same image bytes, same records, no temporary."""
+    return {"folder": run_dir.name, "samples": _records(run_dir),
+            "byte_identical_images": _images(run_dir) == _images(straight),
+            "same_record_files": sorted(p.name for p in (run_dir / "records").iterdir())
+            == sorted(p.name for p in (straight / "records").iterdir()),
+            "temporary_files_left": [str(p) for p in run_dir.rglob(".tmp-*")] + [str(p) for p in run_dir.rglob(".*.tmp*")],
+            "starts": len(json.loads((run_dir / "manifest.json").read_text())["history"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=30)
@@ -46,18 +56,20 @@ def main() -> int:
     grid = ["--dataset", str(dataset), "--backbone", "tiny", "--limit", "4", "--seeds", "3", "--batch-size", "2",
             "--no-progress"]
     straight = work / "straight"
+    reused = straight.is_dir()
     t0 = time.perf_counter()
     done = subprocess.run([*cli, "eval", "run", "--run-dir", str(straight), *grid], env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     straight_s = time.perf_counter() - t0
     total = _records(straight)
-    print(f"uninterrupted run: {total} samples in {straight_s:.1f} s")
+    print(f"uninterrupted run: {total} samples in {straight_s:.1f} s{' (already there)' if reused else ''}")
 
     rng = random.Random(args.seed)
     first_sample_s = 10.0  # measured again at each generation-phase kill
     killed = work / "killed"
     kills = startup_kills = generation_kills = completed_early = 0
+    finished: list[dict] = []
     attempts = 0
     while kills < args.kills:
         attempts += 1
@@ -87,8 +99,10 @@ def main() -> int:
             err = proc.stderr.read().decode() if proc.stderr else ""
             assert proc.returncode == 0, f"a start after a kill failed: {err[-2000:]}"
             completed_early += 1
+            phase = "no kill (the start finished its work)"
             if _records(killed) == total:
-                print("the run finished before all kills were made; starting over on a fresh folder")
+                finished.append(_verify(killed, straight))
+                print(f"{killed.name} finished between kills: {finished[-1]}; going on with a fresh folder")
                 killed = work / f"killed-{attempts}"
         if proc.stderr:
             proc.stderr.close()
@@ -97,16 +111,13 @@ def main() -> int:
     resumed = subprocess.run([*cli, "eval", "run", "--run-dir", str(killed), *grid], env=env, capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    same = _images(killed) == _images(straight)
-    records_same = sorted(p.name for p in (killed / "records").iterdir()) == sorted(
-        p.name for p in (straight / "records").iterdir())
-    temporaries = [str(p) for p in killed.rglob(".tmp-*")] + [str(p) for p in killed.rglob(".*.tmp*")]
+    finished.append(_verify(killed, straight))
     summary = {"kills": kills, "kills_before_a_new_sample": startup_kills, "kills_after_new_samples": generation_kills,
-               "starts_that_finished": completed_early, "samples": total, "done_before_final_resume": partial,
-               "final_resume": resumed.stdout.strip(), "byte_identical_images": same,
-               "same_record_files": records_same, "temporary_files_left": temporaries}
+               "starts_that_finished": completed_early, "samples_per_run": total, "done_before_final_resume": partial,
+               "final_resume": resumed.stdout.strip(), "finished_folders": finished}
     print(json.dumps(summary, indent=2))
-    return 0 if same and records_same and not temporaries and "0 repaired" in resumed.stdout else 1
+    ok = all(f["byte_identical_images"] and f["same_record_files"] and not f["temporary_files_left"] for f in finished)
+    return 0 if ok and "0 repaired" in resumed.stdout else 1
 
 
 if __name__ == "__main__":
