@@ -240,28 +240,6 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def test_resume_verifies_and_regenerates_damaged_samples(straight, smoke, tmp_path):
-    run_dir = _copy_run(straight, tmp_path / "damaged")
-    images = sorted((run_dir / "images").glob("*.png"))
-    a, b = images[0], images[1]
-    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
-    a.write_bytes(b_bytes)
-    b.write_bytes(a_bytes)  # swapped
-    images[2].write_bytes(images[2].read_bytes()[:300])  # truncated
-    images[3].unlink()  # deleted
-    records = sorted((run_dir / "records").glob("*.json"))
-    records[4].write_text("{\"sample\": \"garbage")  # a torn record
-    records[5].write_text("{}")
-    records[6].write_text("")
-    result = _run(run_dir, smoke)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"7 generated, {N_SAMPLES - 7} already done, 7 repaired" in result.stdout
-    warning = [line for line in result.stderr.splitlines() if line.startswith("warning: regenerated")]
-    assert len(warning) == 1 and a.stem in warning[0] and "image differs from its record" in warning[0]
-    assert _files(run_dir) == _files(straight)  # every damaged sample is back, byte for byte
-    assert _temporaries(run_dir) == []
-
-
 def test_score_and_report_count_only_verified_samples(straight, tmp_path):
     run_dir = _copy_run(straight, tmp_path / "scored")
     options = ["--metrics", "cost", "--no-progress"]
@@ -296,19 +274,31 @@ def test_score_and_report_count_only_verified_samples(straight, tmp_path):
     assert "records/" in line and "lacks sample" in line
 
 
-def test_second_writer_is_refused_while_the_first_is_stopped_mid_write(straight, smoke, tmp_path):
-    """A run frozen by SIGSTOP in the middle of its writes still owns its folder: a second run and a
-    scorer are refused at once, naming it, and touch nothing; resumed, the first finishes intact."""
-    run_dir = _copy_run(straight, tmp_path / "shared")
-    for record in sorted((run_dir / "records").glob("*.json"))[-6:]:
-        record.unlink()
+def test_resume_repairs_damaged_samples_and_a_second_writer_is_refused_meanwhile(straight, smoke, tmp_path):
+    """The resume verifies what it counts as done and regenerates the damaged samples (swapped,
+    truncated, deleted images; torn, empty and `{}` records). Frozen by SIGSTOP in the middle of
+    its writes, it still owns its folder: a second run and a scorer are refused at once, naming it,
+    and touch nothing; resumed, it finishes byte-identical to a straight run."""
+    run_dir = _copy_run(straight, tmp_path / "damaged")
+    images = sorted((run_dir / "images").glob("*.png"))
+    records = sorted((run_dir / "records").glob("*.json"))
+    a_bytes, b_bytes = images[9].read_bytes(), images[10].read_bytes()
+    images[9].write_bytes(b_bytes)
+    images[10].write_bytes(a_bytes)  # swapped
+    images[11].write_bytes(images[11].read_bytes()[:300])  # truncated
+    images[12].unlink()  # deleted
+    records[13].write_text("{\"sample\": \"garbage")  # a torn record
+    records[14].write_text("{}")
+    records[15].write_text("")
+    damaged_at = records[9].stat().st_mtime_ns
     cmd = [sys.executable, "-m", "fastface.cli", "eval", "run", "--dataset", str(smoke), "--run-dir", str(run_dir), *GRID]
     first = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while len(list((run_dir / "records").glob("*.json"))) < N_SAMPLES - 5 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 240
+        # Canonical order: the first repaired sample is images[9]; stop the run right after it.
+        while time.monotonic() < deadline and not (records[9].is_file() and records[9].stat().st_mtime_ns != damaged_at):
             assert first.poll() is None, first.communicate()
-            time.sleep(0.01)
+            time.sleep(0.005)
         first.send_signal(signal.SIGSTOP)
         before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
         for second in (_run(run_dir, smoke), fastface_cli("eval", "score", "--run-dir", str(run_dir),
@@ -321,7 +311,10 @@ def test_second_writer_is_refused_while_the_first_is_stopped_mid_write(straight,
         first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-2000:]
-    assert _files(run_dir) == _files(straight) and _temporaries(run_dir) == []
+    assert f"7 generated, {N_SAMPLES - 7} already done, 7 repaired" in out
+    warning = [line for line in err.splitlines() if line.startswith("warning: regenerated")]
+    assert len(warning) == 1 and images[9].stem in warning[0] and "image differs from its record" in warning[0]
+    assert _files(run_dir) == _files(straight) and _temporaries(run_dir) == []  # every sample back, byte for byte
 
 
 def test_full_disk_is_one_line_and_resume_completes_the_run(straight, smoke, tmp_path):
