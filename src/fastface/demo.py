@@ -40,7 +40,7 @@ def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: boo
         tokens = pipe.encode_identity(identity)  # once per adapter, reused by every method
         for method in METHODS:
             result = pipe.generate(base.replace(method=method), identity, identity_tokens=tokens, progress=False)
-            [path] = write_images(result, out / adapter, stem=method)
+            [path] = write_images(result, out / adapter, stem=method, overwrite=True)  # the demo's own folder
             meta = result.metadata[0]
             rows.append({
                 "adapter": adapter,
