@@ -70,3 +70,5 @@ def test_default_and_faces_extras_resolve_to_wheels_only(tmp_path):
     ]
     assert not not_wheels, f"resolved to source distributions: {not_wheels}"
     assert "insightface" not in names
+    # Our own distribution name: "fastface" on the index is an unrelated project.
+    assert "fastface-id" in names and "fastface" not in names

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import fastface
 from eval_helpers import fastface_cli
 from fastface.evaluation.dataset import write_smoke_dataset
 
@@ -54,6 +55,11 @@ def test_straight_run_layout(straight, smoke):
     assert "eval run" in manifest["command"] and "--backbone tiny" in manifest["canonical_command"]
     reproduce = (straight / "REPRODUCE.md").read_text()
     assert manifest["canonical_command"] in reproduce and manifest["dataset"]["fingerprint"] in reproduce
+    # The commit of this checkout, never a release of the unrelated "fastface" on the package index.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(fastface.__file__).parent).stdout.strip()
+    assert commit and commit in reproduce and manifest["versions"]["fastface_commit"].startswith(commit)
+    assert "pip install fastface" not in reproduce and "fastface==" not in reproduce
     record = json.loads(records[0].read_text())
     assert record["unet_evaluations"] == 10  # tiny backbone: 4 steps of the fastface branch plan
     assert record["wall_ms"] > 0 and record["peak_memory_mb"] > 0 and record["seed"] >= 0

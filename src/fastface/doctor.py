@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .provenance import install_hint
+
 HF_DOWNLOAD = "hf download"
 
 
@@ -80,7 +82,7 @@ def probe_torch() -> dict[str, Any]:
 
 def probe_onnxruntime() -> dict[str, Any]:
     if not _has_module("onnxruntime"):
-        return {"installed": False, "providers": [], "how": "pip install 'fastface[faces]' (or onnxruntime-gpu for CUDA)"}
+        return {"installed": False, "providers": [], "how": f"{install_hint('faces')} (or onnxruntime-gpu for CUDA)"}
     import onnxruntime
 
     return {"installed": True, "version": onnxruntime.__version__,
