@@ -213,23 +213,32 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _base_folder(repo: str, dtype: torch.dtype) -> tuple[Path, str | None]:
+def _base_folder(repo: str, dtype: torch.dtype, command: str = "fastface download hyper-4") -> tuple[Path, str | None]:
     """Local folder of a diffusers pipeline and the weight variant to read from it."""
     half = _half(dtype)
     local = Path(repo).expanduser()
     if local.is_dir():
-        variant = "fp16" if half and any(local.glob("unet/*.fp16.safetensors")) else None
-        return local, variant
-    # Only the files of one precision: the hub repositories hold several copies of every model.
-    patterns = ["*.json", "*.txt", "*model.fp16.safetensors" if half else "*model.safetensors"]
-    folder = resolve_folder(
-        repo,
-        what="base model",
-        hint=f"download '{repo}' on a connected machine (huggingface-cli download {repo}) "
-        "or pass base_model=<local diffusers folder or .safetensors file>",
-        allow_patterns=patterns,
-    )
-    variant = "fp16" if half and any(folder.glob("unet/*.fp16.safetensors")) else None
+        folder = local
+    else:
+        from .downloads import cached_path, pipeline_files
+        from .hub import local_only
+
+        # Only the files of one precision: the hub repositories hold several copies of every model.
+        # Offline, whichever precision is complete in the cache will do (float16 is upcast on a CPU).
+        precisions = ["fp16", "fp32"] if half else ["fp32", "fp16"]
+        if local_only():
+            complete = [p for p in precisions if all(cached_path(f) for f in pipeline_files(repo, p))]
+            precisions = complete or precisions
+        folder = resolve_folder(
+            repo,
+            what="base model",
+            hint=f"fetch it with `{command}` on a connected machine, or pass base_model=<local diffusers folder "
+            "or .safetensors file>",
+            allow_patterns=[f.filename for f in pipeline_files(repo, precisions[0])],
+        )
+    has_fp16 = any(folder.glob("unet/*.fp16.safetensors"))
+    has_full = (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    variant = "fp16" if has_fp16 and (half or not has_full) else None
     return folder, variant
 
 
@@ -272,7 +281,7 @@ def _load_unet_weights(pipe: StableDiffusionXLPipeline, spec: BackboneSpec) -> N
         repo,
         filename,
         what=f"{spec.name} UNet",
-        hint=f"download '{filename}' from '{repo}' on a connected machine and put it in the hub cache",
+        hint=f"fetch it with `fastface download {spec.name}` on a connected machine",
     )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -330,7 +339,7 @@ def load_backbone(
     elif base_path.suffix in (".safetensors", ".ckpt"):
         raise MissingWeightsError(f"base model: file '{base}' does not exist")
     else:
-        folder, variant = _base_folder(base, dtype)
+        folder, variant = _base_folder(base, dtype, f"fastface download {spec.name}")
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(folder, variant=variant, **_dtype_kwarg(dtype))
         except (OSError, ValueError) as exc:
@@ -345,7 +354,7 @@ def load_backbone(
             repo,
             filename,
             what=f"{spec.name} distillation LoRA",
-            hint=f"download '{filename}' from '{repo}' on a connected machine and put it in the hub cache",
+            hint=f"fetch it with `fastface download {spec.name}` on a connected machine",
         )
         pipe.load_lora_weights(str(path), adapter_name=DISTILL_ADAPTER)
     for index, (path, _) in enumerate(_normalise_loras(loras)):
@@ -438,8 +447,8 @@ def resolve_vae(vae: str | os.PathLike) -> VaeChoice:
     folder = resolve_folder(
         source,
         what=f"VAE '{name}'",
-        hint=f"download it on a connected machine (huggingface-cli download {source}) "
-        "or pass vae=<local diffusers VAE folder> (--vae PATH)",
+        hint=(f"fetch it with `fastface download --vae {name}` on a connected machine" if spec is not None
+              else f"download '{source}' on a connected machine") + " or pass vae=<local diffusers VAE folder>",
         allow_patterns=_VAE_FILES,
     )
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():

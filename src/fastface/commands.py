@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from .atomic import atomic_path, write_text_atomic
+from .downloads import Combination, check_available
 from .errors import ConfigError, InputError
 
 EMBEDDING_SUFFIXES = {".npy", ".safetensors"}
@@ -188,6 +189,8 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    # Everything the combination lacks, in one error naming one command, before torch even loads.
+    check_available(generation_combination(args))
     config = resolve_config(args)
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
@@ -217,6 +220,30 @@ def run_generate(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def generation_combination(args: argparse.Namespace) -> Combination:
+    """What a generate command will read from the hub (for the one-command missing-weights error)."""
+    from .adapters import spec_for_backbone
+    from .backbones import get_backbone
+    from .faces.model_packs import ALIASES, PACKS
+
+    backbone = get_backbone(args.backbone)
+    adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
+
+    packs: tuple[str, ...] = ()
+    faces = getattr(args, "face", None) or []
+    if any(Path(p).suffix.lower() not in EMBEDDING_SUFFIXES for p in faces):
+        backend = args.face_backend or default_face_backend(adapter)
+        if backend in PACKS or backend in ALIASES:
+            packs = (ALIASES.get(backend, backend),)
+    dtype, device = getattr(args, "dtype", "auto"), getattr(args, "device", "auto")
+    precision = "fp32" if dtype == "float32" or (dtype == "auto" and device == "cpu") else "fp16"
+    return Combination(
+        backbone=backbone.name, adapter=adapter.name if adapter is not None else None,
+        face_packs=packs, vae=getattr(args, "vae", None), sampler=getattr(args, "sampler", None),
+        base_model=args.base_model, adapter_path=args.adapter_path, image_encoder=args.image_encoder,
+        precision=precision)
 
 
 def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:

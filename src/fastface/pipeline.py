@@ -43,6 +43,7 @@ from .backbones import (
     resolve_vae,
     vae_scale_factor,
 )
+from .downloads import Combination, check_available
 from .errors import ConfigError, InputError
 from .faces.types import Identity
 from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
@@ -225,6 +226,12 @@ class FastFacePipeline:
         if cpu_offload and device.type != "cuda":
             raise ConfigError(f"cpu_offload needs a CUDA device (the pipeline's device is {device})")
         dtype = dtype or default_dtype(device)
+        # Offline, everything missing is one error naming the one `fastface download` command.
+        check_available(Combination(
+            backbone=spec.name, adapter=adapter, vae=vae if isinstance(vae, str) else None,
+            base_model=None if base_model is None else os.fspath(base_model),
+            adapter_path=adapter_path, image_encoder=image_encoder,
+            precision="fp16" if dtype in (torch.float16, torch.bfloat16) else "fp32"))
         # Resolved before the backbone loads: a missing VAE costs a second, not a model load.
         vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
         # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
