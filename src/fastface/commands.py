@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                      help="prompt; repeat for a batch of prompts")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT")
+    gen.add_argument("--select", type=select_option, default="largest",
+                     help="which face of a photo with several: largest, confidence or an index (left to right)")
+    gen.add_argument("--outlier-threshold", type=float, default=None, metavar="SIM",
+                     help="a photo less similar than this to the others is left out (default: per face backend)")
+    gen.add_argument("--reject-threshold", type=float, default=None, metavar="SIM",
+                     help="a photo less similar than this to the others is refused (default: per face backend)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     gen.add_argument("--out", required=True, metavar="PATH",
@@ -162,8 +168,21 @@ def default_face_backend(adapter: Any) -> str:
     return getattr(adapter, "face_backend", None) or "arcface"
 
 
-def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> Any:
-    """An Identity from face photos or an embedding file, checked before any model loads."""
+def select_option(value: str) -> str | int:
+    """``--select``: largest, confidence or a face index."""
+    if value in ("largest", "confidence"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--select must be 'largest', 'confidence' or an index, got {value!r}") from None
+
+
+def load_identity(paths: Sequence[str], backend: str | None, adapter: Any, **options: Any) -> Any:
+    """An Identity from face photos or an embedding file, checked before any model loads.
+
+    ``options`` (``select``, ``outlier_threshold``, ``reject_threshold``) go to ``build_identity``.
+    """
     from .faces import build_identity, load_embedding
 
     for path in paths:
@@ -175,7 +194,7 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
             raise InputError("pass either one embedding file or face photos, not both")
         identity = load_embedding(paths[0])
     else:
-        identity = build_identity(list(paths), backend=backend or default_face_backend(adapter))
+        identity = build_identity(list(paths), backend=backend or default_face_backend(adapter), **options)
     expected = getattr(adapter, "embedding_dim", None)
     if adapter is not None and expected and identity.dim != expected:
         raise InputError(
@@ -189,9 +208,18 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    # Everything the combination lacks, in one error naming one command, before torch even loads.
+    # Everything the combination lacks, in one error naming one command, before torch even loads
+    # (after a cheap check of an embedding file: a wrong file is the first thing to fix).
+    embedding_only = all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in args.face)
+    if embedding_only:
+        from .adapters import spec_for_backbone
+        from .backbones import get_backbone
+
+        adapter = None if args.adapter in (None, "none") else spec_for_backbone(args.adapter, get_backbone(args.backbone).name)
+        load_identity(args.face, args.face_backend, adapter)
     check_available(generation_combination(args))
     config = resolve_config(args)
+    warn_ineffective(args, config)
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
     out = Path(args.out)
@@ -199,7 +227,8 @@ def run_generate(args: argparse.Namespace) -> int:
     total = len(args.prompt) * args.num_images
     if single_file and total > 1:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
-    identity = load_identity(args.face, args.face_backend, config["adapter"])
+    identity = load_identity(args.face, args.face_backend, config["adapter"], select=args.select,
+                             outlier_threshold=args.outlier_threshold, reject_threshold=args.reject_threshold)
     pipe = load_pipeline(args, config)
     result = pipe(
         args.prompt,
@@ -220,6 +249,31 @@ def run_generate(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+# Defaults of the options whose explicit use can be ineffective (see fastface.advice).
+_DEFAULTS: dict[str, Any] = {"ip_scale": 0.8, "lora_scale": 1.0, "select": "largest", "no_fuse": False,
+                             "cpu_offload": False}
+
+
+def warn_ineffective(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """One ``warning:`` line per option that changes nothing in this configuration."""
+    from .advice import ineffective_options
+
+    given: dict[str, Any] = {}
+    for name in ("negative_prompt", "rescale", "rescale_on", "face_backend", "image_encoder", "adapter_path",
+                 "outlier_threshold", "reject_threshold"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    for name, default in _DEFAULTS.items():
+        if getattr(args, name, default) != default:
+            given[name] = getattr(args, name)
+    faces = getattr(args, "face", None) or []
+    for finding in ineffective_options(
+        method=config["method"], guidance=config["guidance"], steps=config["steps"], adapter=config["adapter"],
+        given=given, face_is_embedding=bool(faces) and all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in faces),
+    ):
+        print(f"warning: {finding.message(cli=True)}", file=sys.stderr)
 
 
 def generation_combination(args: argparse.Namespace) -> Combination:

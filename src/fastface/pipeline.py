@@ -48,6 +48,7 @@ from .errors import ConfigError, InputError
 from .faces.types import Identity
 from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
 from .guidance import combine as combine_branches
+from .messages import quiet_loading
 from .presets import DEFAULT_METHOD, get_method, plain_cfg
 from .processors import CONTEXT_KEY, IPContext, install, make_am_kernel, uninstall
 from .timing import synchronize
@@ -188,6 +189,7 @@ class FastFacePipeline:
     # -- construction ----------------------------------------------------------------------------
 
     @classmethod
+    @quiet_loading()  # no known-benign third-party loading notices for API users
     def from_pretrained(
         cls,
         backbone: str = "hyper-4",
