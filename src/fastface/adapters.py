@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .faces.types import Identity
-from .hub import resolve_file, resolve_folder
+from .hub import read_weights, resolve_file, resolve_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -151,22 +151,13 @@ class IdentityTokens:
 
 
 def _read_checkpoint(path: Path) -> dict[str, dict[str, Any]]:
-    import torch
-
+    state = read_weights(path, what="adapter checkpoint")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        flat = load_file(str(path))
-        state: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+        flat, state = state, {"image_proj": {}, "ip_adapter": {}}
         for key, value in flat.items():
             group, _, rest = key.partition(".")
             if group in state:
                 state[group][rest] = value
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors of a damaged or foreign file
-            raise InputError(f"cannot read adapter checkpoint '{path}': {type(exc).__name__}") from exc
     if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
         raise InputError(f"'{path}' is not an IP-Adapter checkpoint (no 'image_proj'/'ip_adapter' keys)")
     return state

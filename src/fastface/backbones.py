@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, InputError, MissingWeightsError
-from .hub import resolve_file, resolve_folder
+from .hub import check_weights_file, read_weights, resolve_file, resolve_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -274,7 +274,6 @@ def _config_folder(repo: str) -> Path:
 
 
 def _load_unet_weights(pipe: StableDiffusionXLPipeline, spec: BackboneSpec) -> None:
-    import torch
 
     repo, filename = spec.unet
     path = resolve_file(
@@ -283,12 +282,7 @@ def _load_unet_weights(pipe: StableDiffusionXLPipeline, spec: BackboneSpec) -> N
         what=f"{spec.name} UNet",
         hint=f"fetch it with `fastface download {spec.name}` on a connected machine",
     )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = read_weights(path, what=f"{spec.name} UNet")
     # Load in place into the base UNet (same architecture): no second full-size UNet in memory.
     pipe.unet.load_state_dict(state, strict=True)
 
@@ -356,9 +350,11 @@ def load_backbone(
             what=f"{spec.name} distillation LoRA",
             hint=f"fetch it with `fastface download {spec.name}` on a connected machine",
         )
+        check_weights_file(path, what=f"{spec.name} distillation LoRA")
         pipe.load_lora_weights(str(path), adapter_name=DISTILL_ADAPTER)
     for index, (path, _) in enumerate(_normalise_loras(loras)):
         file = resolve_file(path, None, what=f"style LoRA {index}")
+        check_weights_file(file, what=f"style LoRA {index}")
         with warnings.catch_warnings():
             # PEFT warns whenever a second adapter joins a model; several adapters is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

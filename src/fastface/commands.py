@@ -126,6 +126,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     # Schedules are checked against the step count now, before any model loads.
     resolve_schedule(guidance.alpha, steps, peak=1.5, name="alpha")
     resolve_schedule(guidance.beta, steps, peak=3.0, name="beta")
+    from .hub import check_weights_file
+
+    # A damaged weights file the user named is one line now, not a traceback after a model load.
+    for path, what in [(args.adapter_path, "--adapter-path"), *((p, "--lora") for p, _ in map(parse_lora, args.lora))]:
+        if path is not None and Path(path).is_file():
+            check_weights_file(path, what=what)
     return {
         "backbone": backbone,
         "adapter": adapter,

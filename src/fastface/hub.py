@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import MissingWeightsError
+from .errors import InputError, MissingWeightsError
 
 PROBE_TIMEOUT_S = 1.5
 
@@ -140,3 +140,40 @@ def resolve_folder(
         return Path(snapshot_download(str(repo_or_path), allow_patterns=allow_patterns, local_files_only=local_only()))
     except Exception as exc:
         raise _missing(what, str(repo_or_path), None, hint, exc) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def check_weights_file(path: str | os.PathLike, *, what: str) -> None:
+    """Refuse a ``.safetensors`` file whose header is unreadable (truncated, not safetensors, "header too
+    large") with one :class:`InputError` line, before a loader turns it into a traceback. Reads the
+    header only; other formats are checked when they are read (:func:`read_weights`)."""
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="numpy") as fh:
+            fh.keys()
+    except Exception as exc:  # SafetensorError, OSError, ...: all mean "not a usable safetensors file"
+        raise InputError(f"{what}: '{p}' is not a readable .safetensors file ({_first_line(exc)})") from None
+
+
+def read_weights(path: str | os.PathLike, *, what: str) -> dict:
+    """A state dict from ``.safetensors`` or a PyTorch pickle (weights only), one line if unreadable."""
+    import torch
+
+    p = Path(path)
+    check_weights_file(p, what=what)
+    try:
+        if p.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of a damaged or foreign file
+        raise InputError(f"{what}: cannot read '{p}' ({type(exc).__name__}: {_first_line(exc)})") from None
