@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ class BackboneSpec:
     timesteps: tuple[int, ...] | None = None  # custom timesteps (DMD2)
     step_kwargs: Mapping[str, Any] = field(default_factory=_frozen)  # extra scheduler.step kwargs
     description: str = ""
+    sampler: str | None = None  # a sampler setting over a checkpoint with the distillation baked in
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class BackboneSpec:
             "resolution": self.resolution,
             "cfg_scale": self.cfg_scale,
             "licence": list(self.licence),
+            "sampler": self.sampler,
         }
 
 
@@ -192,6 +194,46 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
+# Backbones whose sampling (scheduler, steps, CFG-free scale) is a named sampler setting.
+SAMPLERS: tuple[str, ...] = tuple(name for name in BACKBONES if name not in ("sdxl", TINY))
+CUSTOM = "custom"
+
+
+def sampler_spec(sampler: str, over: BackboneSpec | str = "sdxl") -> BackboneSpec:
+    """Sampler setting ``sampler`` (a distilled backbone's scheduler, steps, resolution and CFG-free
+    scale) over the base of ``over``, with *no* distillation weights: for community checkpoints with
+    the distillation merged in (``--base-model merge.safetensors --sampler lightning-4``).
+
+    The spec keeps the name ``tiny`` over the tiny model (its adapters stay the tiny ones); otherwise
+    it is called ``custom``. Its licence is the base's plus a reminder that the checkpoint's own
+    terms apply.
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    setting = BACKBONES[sampler]
+    base = get_backbone(over) if isinstance(over, str) else over
+    name = TINY if base.name == TINY else CUSTOM
+    licence = base.licence if name == TINY else ("see the licence of your checkpoint (its base: SDXL, "
+                                                 f"{SDXL_LICENCE})",)
+    return replace(setting, name=name, base=base.base, lora=None, unet=None, licence=licence, sampler=sampler,
+                   resolution=base.resolution if name == TINY else setting.resolution,
+                   description=f"{'tiny model' if name == TINY else 'your checkpoint'} sampled like {sampler} "
+                   f"({setting.scheduler}, {setting.steps} steps, CFG {setting.cfg_scale}); no distillation "
+                   "weights loaded")
+
+
+def backbone_spec(backbone: str, sampler: str | None = None, base_model: Any = None) -> BackboneSpec:
+    """The registered backbone, or with ``sampler`` the sampler setting over a given checkpoint."""
+    spec = get_backbone(backbone)
+    if sampler is None:
+        return spec
+    if base_model is None and spec.name != TINY:
+        raise ConfigError(f"sampler={sampler} samples a checkpoint that has the distillation baked in; give "
+                          "it with base_model=<.safetensors file or diffusers folder> (the stock SDXL base "
+                          f"needs the backbone instead: backbone={sampler})")
+    return sampler_spec(sampler, spec)
+
+
 def make_scheduler(spec: BackboneSpec, base_config: Mapping[str, Any]) -> Any:
     """A fresh scheduler of the backbone's class from the base pipeline's scheduler config."""
     import diffusers
@@ -304,7 +346,7 @@ def _normalise_loras(loras: Sequence[Any]) -> list[tuple[str, float]]:
 
 
 def load_backbone(
-    name: str,
+    name: str | BackboneSpec,
     base_model: str | os.PathLike | None = None,
     loras: Sequence[Any] = (),
     device: str | torch.device | None = None,
@@ -320,7 +362,7 @@ def load_backbone(
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    spec = get_backbone(name)
+    spec = name if isinstance(name, BackboneSpec) else get_backbone(name)
     _normalise_loras(loras)  # fail on a bad argument before loading anything
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

@@ -75,6 +75,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescale-on", choices=("all", "guided"), default=None)
     parser.add_argument("--face-backend", default=None, help="face encoder (default: the adapter's own)")
     parser.add_argument("--base-model", default=None, help="custom SDXL base: hub id, diffusers folder or .safetensors")
+    parser.add_argument("--sampler", default=None, metavar="NAME",
+                        help="sample --base-model (a checkpoint with the distillation merged in) like backbone NAME: "
+                             "its scheduler, steps and CFG-free scale, no distillation weights (e.g. lightning-4)")
     parser.add_argument("--adapter-path", default=None, help="local adapter checkpoint instead of the hub's")
     parser.add_argument("--image-encoder", default=None, help="local CLIP image encoder (faceid-plusv2)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -98,11 +101,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Check every name and number of a generation configuration without loading a model."""
     from .adapters import spec_for_backbone
-    from .backbones import get_backbone
+    from .backbones import backbone_spec
     from .guidance import GuidanceConfig, resolve_schedule
     from .presets import get_method, plain_cfg
 
-    backbone = get_backbone(args.backbone)
+    backbone = backbone_spec(args.backbone, getattr(args, "sampler", None), args.base_model)
     adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
     method = get_method(args.method)
     steps = args.steps if args.steps is not None else backbone.steps
@@ -285,10 +288,10 @@ def warn_ineffective(args: argparse.Namespace, config: dict[str, Any]) -> None:
 def generation_combination(args: argparse.Namespace) -> Combination:
     """What a generate command will read from the hub (for the one-command missing-weights error)."""
     from .adapters import spec_for_backbone
-    from .backbones import get_backbone
+    from .backbones import backbone_spec
     from .faces.model_packs import ALIASES, PACKS
 
-    backbone = get_backbone(args.backbone)
+    backbone = backbone_spec(args.backbone, getattr(args, "sampler", None), args.base_model)
     adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
 
     packs: tuple[str, ...] = ()
@@ -300,7 +303,7 @@ def generation_combination(args: argparse.Namespace) -> Combination:
     dtype, device = getattr(args, "dtype", "auto"), getattr(args, "device", "auto")
     precision = "fp32" if dtype == "float32" or (dtype == "auto" and device == "cpu") else "fp16"
     return Combination(
-        backbone=backbone.name, adapter=adapter.name if adapter is not None else None,
+        backbone=args.backbone, adapter=adapter.name if adapter is not None else None,
         face_packs=packs, vae=getattr(args, "vae", None), sampler=getattr(args, "sampler", None),
         base_model=args.base_model, adapter_path=args.adapter_path, image_encoder=args.image_encoder,
         precision=precision)
@@ -311,7 +314,8 @@ def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
     device, dtype = resolve_device(args.device, args.dtype)
     pipe = FastFacePipeline.from_pretrained(
-        backbone=config["backbone"].name,
+        backbone=args.backbone,
+        sampler=getattr(args, "sampler", None),
         adapter=config["adapter"].name if config["adapter"] is not None else None,
         base_model=args.base_model,
         adapter_path=args.adapter_path,

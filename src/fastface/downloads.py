@@ -208,7 +208,7 @@ def check_available(combination: Combination) -> None:
 
 
 def missing_message(missing: Sequence[RequiredFile], combination: Combination, why: str) -> str:
-    roles = list(dict.fromkeys(item.role for item in missing))
+    roles = list(dict.fromkeys(f"{item.role} from {item.repo}" for item in missing))
     return (f"{len(missing)} model file(s) are not in the local cache ({', '.join(roles)}) and {why}; "
             f"fetch them all at once on a connected machine with: {combination.command()}")
 

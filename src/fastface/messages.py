@@ -31,6 +31,7 @@ CLI_FLAGS: dict[str, str] = {
     "outlier_threshold": "--outlier-threshold",
     "reject_threshold": "--reject-threshold",
     "sampler": "--sampler",
+    "backbone": "--backbone",
     "steps": "--steps",
     "negative_prompt": "--negative-prompt",
     "ip_scale": "--ip-scale",

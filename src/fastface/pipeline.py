@@ -35,9 +35,9 @@ from .backbones import (
     BackboneSpec,
     VaeChoice,
     backbone_lora_weights,
+    backbone_spec,
     default_device,
     default_dtype,
-    get_backbone,
     load_backbone,
     load_vae,
     resolve_vae,
@@ -204,6 +204,7 @@ class FastFacePipeline:
         vae: str | os.PathLike | None = None,
         vae_tiling: bool = False,
         cpu_offload: bool = False,
+        sampler: str | None = None,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
 
@@ -218,8 +219,12 @@ class FastFacePipeline:
         memory independent of the image size; no effect on images smaller than one tile).
         ``cpu_offload`` keeps every model on the CPU and moves each to ``device`` (a CUDA device)
         only while it runs (diffusers' model CPU offload): slower, far less GPU memory.
+
+        ``sampler`` (e.g. ``"lightning-4"``) samples ``base_model``, a checkpoint with the distillation
+        merged in, with that backbone's scheduler, steps and CFG-free scale, loading no distillation
+        weights (see :func:`fastface.backbones.sampler_spec`).
         """
-        spec = get_backbone(backbone)
+        spec = backbone_spec(backbone, sampler, base_model)
         if adapter is not None:
             from .adapters import get_adapter
 
@@ -230,7 +235,7 @@ class FastFacePipeline:
         dtype = dtype or default_dtype(device)
         # Offline, everything missing is one error naming the one `fastface download` command.
         check_available(Combination(
-            backbone=spec.name, adapter=adapter, vae=vae if isinstance(vae, str) else None,
+            backbone=backbone, adapter=adapter, vae=vae if isinstance(vae, str) else None, sampler=sampler,
             base_model=None if base_model is None else os.fspath(base_model),
             adapter_path=adapter_path, image_encoder=image_encoder,
             precision="fp16" if dtype in (torch.float16, torch.bfloat16) else "fp32"))
@@ -238,7 +243,7 @@ class FastFacePipeline:
         vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
         # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
         load_device = torch.device("cpu") if cpu_offload else device
-        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype)
+        sdxl = load_backbone(spec, base_model=base_model, loras=loras, device=load_device, dtype=dtype)
         if vae_choice is not None:
             replace_vae(sdxl, load_vae(vae_choice, dtype), vae_choice.name)
             sdxl.vae.to(load_device)
