@@ -19,6 +19,7 @@ _LAZY = {
     "manipulated_ip_attention": "fastface.attention",
     "Identity": "fastface.faces.types",
     "FastFaceError": "fastface.errors",
+    "bundled_portrait": "fastface.commands",
 }
 
 __all__ = [
@@ -29,12 +30,14 @@ __all__ = [
     "GenerationResult",
     "GuidanceConfig",
     "Identity",
+    "bundled_portrait",
     "decoupled_guidance",
     "manipulated_ip_attention",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import AttentionManipulation, manipulated_ip_attention
+    from .commands import bundled_portrait
     from .errors import FastFaceError
     from .faces.types import Identity
     from .guidance import GuidanceConfig, decoupled_guidance

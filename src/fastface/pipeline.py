@@ -38,8 +38,10 @@ from .backbones import (
     backbone_spec,
     default_device,
     default_dtype,
+    get_backbone,
     load_backbone,
     load_vae,
+    make_scheduler,
     resolve_vae,
     vae_scale_factor,
 )
@@ -257,6 +259,39 @@ class FastFacePipeline:
         if cpu_offload:
             pipe.enable_model_cpu_offload(device)
         return pipe
+
+    @classmethod
+    @quiet_loading()
+    def from_pipe(
+        cls,
+        sdxl: Any,
+        adapter: str | None = "faceid",
+        *,
+        sampler: str | None = None,
+        backbone: str = "sdxl",
+        adapter_path: str | os.PathLike | None = None,
+        image_encoder: str | os.PathLike | None = None,
+    ) -> FastFacePipeline:
+        """Wrap a diffusers ``StableDiffusionXLPipeline`` you already have (loaded, on its device).
+
+        ``sampler`` names the sampling of a distilled backbone (e.g. ``"lightning-4"`` for a
+        checkpoint with Lightning merged in; None: ``backbone``'s own, SDXL's 30-step Euler CFG 5 by
+        default) and its scheduler replaces ``sdxl.scheduler``; no distillation weights are loaded. Fuse LoRAs of your own into the pipeline first
+        (``sdxl.fuse_lora()``): FastFace sets the active PEFT adapters of the UNet on every call.
+        """
+        from dataclasses import replace
+
+        spec = backbone_spec(backbone, sampler, base_model="given") if sampler else get_backbone(backbone)
+        spec = replace(spec, lora=None, unet=None)
+        loaded = None
+        if adapter is not None:
+            loaded = load_adapter(sdxl, adapter, backbone=spec.name, path=adapter_path, image_encoder=image_encoder)
+            sdxl.to(sdxl.unet.device)
+            loaded.projection.to(device=sdxl.unet.device, dtype=sdxl.unet.dtype)
+        # The sampling is the sampler's (or the backbone's): its scheduler replaces the pipeline's.
+        sdxl.scheduler = make_scheduler(spec, sdxl.scheduler.config)
+        sdxl.set_progress_bar_config(disable=True)
+        return cls(sdxl, spec, loaded)
 
     @property
     def device(self) -> torch.device:
