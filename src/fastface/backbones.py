@@ -294,25 +294,39 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _from_single_file(path: Path, spec: BackboneSpec, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    import tempfile
+
     from diffusers import StableDiffusionXLPipeline
 
-    # from_single_file needs the diffusers configs of the architecture; take them from the
-    # backbone's own base folder (local tiny model or the hub cache) so it works offline.
-    config = _tiny_path() if spec.base == TINY else _config_folder(spec.base)
-    try:
-        return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), **_dtype_kwarg(dtype))
-    except Exception as exc:  # diffusers raises many kinds for a file it cannot map to SDXL
-        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise InputError(f"base model: could not read '{path}' as a single-file SDXL checkpoint ({first_line})") from exc
+    from .single_file import ambiguous_text_encoders, load_text_encoder_2
+
+    check_weights_file(path, what="base model")
+    with tempfile.TemporaryDirectory(prefix="fastface-sdxl-config-") as scratch:
+        # from_single_file needs the diffusers configuration of the architecture: the tiny model's own
+        # folder, or the SDXL configs shipped with FastFace plus the cached tokenizers (no network).
+        config = _tiny_path() if spec.base == TINY else _single_file_config(Path(scratch), path)
+        components: dict[str, Any] = {}
+        try:
+            if ambiguous_text_encoders(config):
+                components["text_encoder_2"] = load_text_encoder_2(path, config, dtype)
+            return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), **components,
+                                                              **_dtype_kwarg(dtype))
+        except Exception as exc:  # diffusers raises many kinds for a file it cannot map to SDXL
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"base model: could not read '{path}' as a single-file SDXL checkpoint ({first_line})") from exc
 
 
-def _config_folder(repo: str) -> Path:
-    return resolve_folder(
-        repo,
-        what="base model configuration (needed to read a single-file checkpoint)",
-        hint=f"download the configs once: huggingface-cli download {repo} --include '*.json' '*.txt'",
-        allow_patterns=["*.json", "*.txt"],
-    )
+def _single_file_config(dest: Path, path: Path) -> Path:
+    from .single_file import TOKENIZER_FILES, sdxl_config_folder
+
+    command = f"fastface download --base-model {path}"
+    tokenizers = {
+        f"{folder}/{name}": resolve_file(SDXL_BASE, f"{folder}/{name}", what="SDXL tokenizers (for a single-file model)",
+                                         hint=f"fetch them once with `{command}` on a connected machine")
+        for folder in ("tokenizer", "tokenizer_2") for name in TOKENIZER_FILES
+    }
+    return sdxl_config_folder(dest, tokenizers)
 
 
 def _load_unet_weights(pipe: StableDiffusionXLPipeline, spec: BackboneSpec) -> None:
