@@ -118,7 +118,7 @@ def test_tiled_tiny_decode_with_small_tiles(tiny_dir, tiny_vae_dir, tiny_vae_pip
 
 
 def test_cpu_offload_needs_cuda(tiny_dir):
-    with pytest.raises(ConfigError, match="cpu_offload needs a CUDA device"):
+    with pytest.raises(ConfigError, match="cpu_offload=True needs a CUDA device"):
         FastFacePipeline.from_pretrained("tiny", "faceid", device="cpu", cpu_offload=True)
 
 

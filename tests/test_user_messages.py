@@ -133,3 +133,11 @@ def test_quiet_loading_hides_only_the_known_benign_notices():
             warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)
         warnings.warn("Already found a `peft_config` attribute in the model.", UserWarning, stacklevel=1)
     assert len(caught) == 1  # silenced inside the block only
+
+
+def test_library_hints_reach_the_cli_as_flags(tmp_path):
+    np.save(tmp_path / "face.npy", np.random.default_rng(0).standard_normal(128).astype(np.float32))
+    proc = _cli(tmp_path, "generate", "--face", "face.npy", "--prompt", "p", "--backbone", "tiny", "--device", "cpu",
+                "--cpu-offload", "--out", "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --cpu-offload needs a CUDA device (the pipeline's device is cpu)"

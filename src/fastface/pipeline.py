@@ -233,7 +233,7 @@ class FastFacePipeline:
             get_adapter(adapter)  # fail on a bad name before loading gigabytes
         device = torch.device(device) if device is not None else default_device()
         if cpu_offload and device.type != "cuda":
-            raise ConfigError(f"cpu_offload needs a CUDA device (the pipeline's device is {device})")
+            raise ConfigError(f"cpu_offload=True needs a CUDA device (the pipeline's device is {device})")
         dtype = dtype or default_dtype(device)
         # Offline, everything missing is one error naming the one `fastface download` command.
         check_available(Combination(
