@@ -117,3 +117,18 @@ def test_missing_pieces_of_one_combination_are_listed_together():
     assert {item.role for item in required_files(own)} == {"tokenizers for a single-file base model"}
     assert own.command() == "fastface download --base-model merge.safetensors"
     assert required_files(Combination("tiny", "faceid")) == []  # the tiny models ship with FastFace
+
+
+def test_a_silent_endpoint_is_unreachable_after_the_probe_timeout():
+    import socket
+
+    from fastface.hub import _probe
+
+    with socket.socket() as server:  # accepts connections (backlog) but never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        reachable, why = _probe(endpoint, 0.5)
+        elapsed = time.monotonic() - start
+    assert reachable is False and ("timeout" in why.lower() or "no answer" in why) and elapsed < 5

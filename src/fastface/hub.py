@@ -34,20 +34,32 @@ def hub_endpoint() -> str:
 @functools.lru_cache(maxsize=8)
 def _probe(endpoint: str, timeout_s: float) -> tuple[bool, str]:
     """One HEAD request to ``endpoint`` (proxies from the environment apply): any HTTP answer,
-    even an error status, means reachable; a refused, unresolvable or silent host means not."""
+    even an error status, means reachable; a refused, unresolvable or silent host means not. The
+    request runs in a daemon thread so that a slow name lookup (not covered by socket timeouts)
+    cannot hold the caller past ``timeout_s``."""
+    import threading
     import urllib.error
     import urllib.request
 
     start = time.monotonic()
-    request = urllib.request.Request(endpoint + "/api/whoami-v2", method="HEAD")
-    try:
-        urllib.request.urlopen(request, timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return True, ""
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return False, f"{type(reason).__name__} after {time.monotonic() - start:.1f} s"
-    return True, ""
+    outcome: list[tuple[bool, str]] = []
+
+    def attempt() -> None:
+        request = urllib.request.Request(endpoint + "/api/whoami-v2", method="HEAD")
+        try:
+            urllib.request.urlopen(request, timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            outcome.append((True, ""))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            outcome.append((False, f"{type(reason).__name__} after {time.monotonic() - start:.1f} s"))
+        else:
+            outcome.append((True, ""))
+
+    worker = threading.Thread(target=attempt, name="fastface-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s + 0.25)
+    return outcome[0] if outcome else (False, f"no answer within {timeout_s:.1f} s")
 
 
 def hub_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
