@@ -132,3 +132,40 @@ def test_a_silent_endpoint_is_unreachable_after_the_probe_timeout():
         reachable, why = _probe(endpoint, 0.5)
         elapsed = time.monotonic() - start
     assert reachable is False and ("timeout" in why.lower() or "no answer" in why) and elapsed < 5
+
+
+def test_adapter_files_come_from_the_adapter_seam_when_it_declares_them(tmp_path):
+    """An adapter spec with ``required_files()`` (the adapter seam's interface) is asked, not guessed."""
+    from dataclasses import dataclass
+
+    from fastface.downloads import _adapter_files
+
+    @dataclass(frozen=True)
+    class SeamFile:  # the seam's RequiredFile(repo, filename | None, role, patterns)
+        repo: str
+        filename: str | None
+        role: str
+        patterns: tuple[str, ...] = ()
+
+    @dataclass(frozen=True)
+    class SeamSpec:
+        name: str
+
+        def required_files(self) -> list[SeamFile]:
+            return [SeamFile("InstantX/InstantID", "ip-adapter.bin", "checkpoint"),
+                    SeamFile("InstantX/InstantID", None, "controlnet", ("ControlNetModel/*",))]
+
+    items = _adapter_files(SeamSpec("instantid"), Combination("hyper-4", "instantid"))
+    assert [(i.filename, i.role, i.is_pattern) for i in items] == [
+        ("ip-adapter.bin", "instantid adapter", False), ("ControlNetModel/*", "instantid controlnet", True)]
+    own = _adapter_files(SeamSpec("instantid"), Combination("hyper-4", "instantid", adapter_path="mine.bin"))
+    assert [i.role for i in own] == ["instantid controlnet"]
+    # A folder pattern counts as cached when the cache holds a matching file.
+    code = ("from fastface.downloads import RequiredFile, cached_path\n"
+            "print(cached_path(RequiredFile('InstantX/InstantID', 'ControlNetModel/*', None, 'controlnet')))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    empty = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert empty.stdout.strip() == "None", empty.stderr
+    _fake_hub_cache(tmp_path / "hub", "InstantX/InstantID", {"ControlNetModel/config.json": b"{}"})
+    laid = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert laid.stdout.strip().endswith("snapshots/" + "0" * 40), laid.stderr

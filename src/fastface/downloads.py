@@ -50,6 +50,11 @@ class RequiredFile:
     size: int | None  # bytes, where a public record is kept in FastFace; else None (asked at download)
     role: str  # what it is for, in words ("hyper-4 distillation LoRA")
 
+    @property
+    def is_pattern(self) -> bool:
+        """A glob (``ControlNetModel/*``): every matching file of the repository."""
+        return any(ch in self.filename for ch in "*?[")
+
     def to_dict(self) -> dict[str, Any]:
         return {"repo": self.repo, "file": self.filename, "size": self.size, "role": self.role}
 
@@ -126,15 +131,7 @@ def required_files(combination: Combination) -> list[RequiredFile]:
     if combination.adapter and not tiny:
         from .adapters import get_adapter
 
-        adapter = get_adapter(combination.adapter)
-        repo = getattr(adapter, "repo", None)
-        weight = getattr(adapter, "weight_name", None)
-        if combination.adapter_path is None and repo and weight:
-            items.append(RequiredFile(repo, weight, None, f"{adapter.name} adapter"))
-        encoder = getattr(adapter, "image_encoder", None)
-        if encoder and combination.image_encoder is None:
-            items += [RequiredFile(encoder, name, None, f"{adapter.name} image encoder")
-                      for name in ("config.json", "preprocessor_config.json", "model.safetensors")]
+        items += _adapter_files(get_adapter(combination.adapter), combination)
     for name in combination.face_packs:
         pack = model_packs.get_pack(name)
         repo, subfolder = model_packs.split_hub_repo(model_packs.hub_source(pack), pack)
@@ -158,6 +155,28 @@ def required_files(combination: Combination) -> list[RequiredFile]:
     return unique
 
 
+def _adapter_files(adapter: Any, combination: Combination) -> list[RequiredFile]:
+    """The adapter's files: from its own ``required_files()`` (the adapter seam) where it has one."""
+    hook = getattr(adapter, "required_files", None)
+    if callable(hook):
+        items = []
+        for need in hook():
+            role = "adapter" if need.role == "checkpoint" else need.role
+            if (role == "adapter" and combination.adapter_path) or (role == "image encoder" and combination.image_encoder):
+                continue  # replaced by a local path
+            names = [need.filename] if need.filename else list(getattr(need, "patterns", ()) or ())
+            items += [RequiredFile(need.repo, name, None, f"{adapter.name} {role}") for name in names]
+        return items
+    items = []
+    if combination.adapter_path is None and getattr(adapter, "repo", None) and getattr(adapter, "weight_name", None):
+        items.append(RequiredFile(adapter.repo, adapter.weight_name, None, f"{adapter.name} adapter"))
+    encoder = getattr(adapter, "image_encoder", None)
+    if encoder and combination.image_encoder is None:
+        items += [RequiredFile(encoder, name, None, f"{adapter.name} image encoder")
+                  for name in ("config.json", "preprocessor_config.json", "model.safetensors")]
+    return items
+
+
 def scoring_files() -> list[RequiredFile]:
     """The default scoring models of ``eval score``: CLIP ViT-L/14 (text alignment, the aesthetic
     head's features), the LAION aesthetic head and ImageReward's checkpoint."""
@@ -179,6 +198,17 @@ def cached_path(item: RequiredFile) -> str | None:
     """The local copy of ``item`` in the Hugging Face cache, or None; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
+    if item.is_pattern:
+        from fnmatch import fnmatch
+
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(item.repo, allow_patterns=[item.filename], local_files_only=True))
+        except Exception:  # nothing of that repository is cached
+            return None
+        hits = [p for p in folder.rglob("*") if p.is_file() and fnmatch(p.relative_to(folder).as_posix(), item.filename)]
+        return str(folder) if hits else None
     found = try_to_load_from_cache(item.repo, item.filename)
     return found if isinstance(found, str) else None
 
@@ -230,7 +260,7 @@ def hub_sizes(items: Sequence[RequiredFile]) -> dict[tuple[str, str], int | None
     api = HfApi()
     sizes: dict[tuple[str, str], int | None] = {}
     for repo in dict.fromkeys(item.repo for item in items):
-        names = [item.filename for item in items if item.repo == repo]
+        names = [item.filename for item in items if item.repo == repo and not item.is_pattern]
         try:
             infos = api.get_paths_info(repo, names)
         except Exception:  # a private or renamed repository: sizes stay unknown, the download tells
@@ -249,7 +279,12 @@ def fetch(items: Sequence[RequiredFile], *, out: Any = sys.stderr) -> list[Path]
         out.write(f"[{index}/{len(items)}] {item.repo}/{item.filename} ({human_size(item.size)})\n")
         out.flush()
         try:
-            paths.append(Path(hf_hub_download(item.repo, item.filename)))
+            if item.is_pattern:
+                from huggingface_hub import snapshot_download
+
+                paths.append(Path(snapshot_download(item.repo, allow_patterns=[item.filename])))
+            else:
+                paths.append(Path(hf_hub_download(item.repo, item.filename)))
         except Exception as exc:  # gated, renamed, network lost: one line naming the file
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise MissingWeightsError(f"could not download {item.filename} from {item.repo} ({first})") from exc
