@@ -209,7 +209,10 @@ def cached_path(item: RequiredFile) -> str | None:
             return None
         hits = [p for p in folder.rglob("*") if p.is_file() and fnmatch(p.relative_to(folder).as_posix(), item.filename)]
         return str(folder) if hits else None
-    found = try_to_load_from_cache(item.repo, item.filename)
+    try:
+        found = try_to_load_from_cache(item.repo, item.filename)
+    except ValueError:  # not a valid repository id (a local path that does not exist): not cached
+        return None
     return found if isinstance(found, str) else None
 
 
