@@ -171,6 +171,8 @@ def score_run(run_dir: str | Path, options: ScoreOptions | None = None, *, progr
     ref_records = check_reference_run(run_dir, manifest, reference) if reference else {}
     dataset, dataset_problem = _load_dataset_for(manifest, options)
     states = build_scorers(options, reference)
+    if manifest["config"].get("adapter") is None:  # the no-identity run is the reference: nothing to compare to
+        states = [state for state in states if not isinstance(state.scorer, M.DisruptionScorer)]
     for state in states:
         if isinstance(state.scorer, M.IdentityScorer) and dataset is None:
             state.status, state.reason = "unavailable", dataset_problem
