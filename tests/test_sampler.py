@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 
+import matplotlib.cbook
 import numpy as np
 import pytest
+import skimage.data
+from PIL import Image
 
 from fastface.backbones import BACKBONES, DISTILL_ADAPTER, backbone_spec, sampler_spec
 from fastface.errors import ConfigError
@@ -32,11 +35,15 @@ def test_sampler_spec_takes_the_sampling_and_drops_the_weights():
 
 
 def test_tiny_folder_runs_with_the_hyper_sd_scheduler_via_sampler(tmp_path):
-    np.save(tmp_path / "face.npy", np.random.default_rng(0).standard_normal(128).astype(np.float32))
+    """One real generate run: the sampler setting, and every library warning as one CLI line."""
+    astronaut = skimage.data.astronaut()
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        hopper = np.asarray(Image.open(fh).convert("RGB").resize((512, 512)))
+    Image.fromarray(np.concatenate([astronaut, hopper], axis=1)).save(tmp_path / "two.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fastface.cli", "generate", "--face", "face.npy", "--prompt", "p",
-                           "--backbone", "tiny", "--sampler", "hyper-4", "--method", "none", "--out", "out"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "fastface.cli", "generate", "--face", "two.png", "--prompt", "p",
+                           "--negative-prompt", "blurry", "--backbone", "tiny", "--sampler", "hyper-4", "--method",
+                           "none", "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "out" / "image_000_seed0.json").read_text())
     config = meta["backbone_config"]
@@ -44,6 +51,11 @@ def test_tiny_folder_runs_with_the_hyper_sd_scheduler_via_sampler(tmp_path):
     assert config["sampler"] == "hyper-4" and config["lora"] is None
     assert DISTILL_ADAPTER not in meta["lora_weights"] and meta["steps"] == 4
     assert meta["unet_evaluations"] == 4  # method none, CFG-free: one branch per step
+    warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert ("warning: --negative-prompt has no effect: method none on this backbone is CFG-free (no step "
+            "evaluates the negative text branch)") in warning_lines
+    assert any("2 faces found in 'two.png'" in line and "pass --select <index>" in line for line in warning_lines)
+    assert "UserWarning" not in proc.stderr and "select=" not in proc.stderr and ".py:" not in proc.stderr
 
 
 def test_sampler_without_a_checkpoint_is_one_line_in_flags(tmp_path):

@@ -217,16 +217,19 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any, **opt
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    # Everything the combination lacks, in one error naming one command, before torch even loads
-    # (after a cheap check of an embedding file: a wrong file is the first thing to fix).
-    embedding_only = all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in args.face)
-    if embedding_only:
+    # Names first, then the face files, then everything the combination lacks (one error naming one
+    # command), all before torch even loads.
+    combination = generation_combination(args)
+    for path in args.face:
+        if not Path(path).exists():
+            raise InputError(f"face file '{path}' does not exist")
+    if all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in args.face):
         from .adapters import spec_for_backbone
         from .backbones import get_backbone
 
         adapter = None if args.adapter in (None, "none") else spec_for_backbone(args.adapter, get_backbone(args.backbone).name)
-        load_identity(args.face, args.face_backend, adapter)
-    check_available(generation_combination(args))
+        load_identity(args.face, args.face_backend, adapter)  # a wrong embedding file is the first thing to fix
+    check_available(combination)
     config = resolve_config(args)
     warn_ineffective(args, config)
     if args.num_images < 1:
