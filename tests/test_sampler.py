@@ -67,3 +67,12 @@ def test_sampler_without_a_checkpoint_is_one_line_in_flags(tmp_path):
     assert proc.stderr.startswith("error: --sampler lightning-4 samples a checkpoint that has the distillation "
                                   "baked in; give it with --base-model <.safetensors file or diffusers folder>")
     assert "--backbone lightning-4" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_eval_run_refuses_a_sampler_instead_of_ignoring_it(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "fastface.cli", "eval", "run", "--dataset", "d", "--run-dir", "r",
+                           "--sampler", "lightning-4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --sampler is not supported by `eval run` yet")
+    assert not (tmp_path / "r").exists()

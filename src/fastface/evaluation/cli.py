@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +108,9 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import Grid, RunConfig, run_grid
 
+    if getattr(args, "sampler", None):  # never silently ignored: a run's manifest must say how it sampled
+        raise ConfigError("--sampler is not supported by `eval run` yet; evaluate a registered backbone "
+                          "(--backbone NAME), or generate with `fastface generate --sampler`")
     config = RunConfig(
         backbone=args.backbone, adapter=None if args.no_identity else args.adapter, method=args.method,
         steps=args.steps, height=args.height, width=args.width, ip_scale=args.ip_scale, lora_scale=args.lora_scale,
