@@ -169,7 +169,9 @@ def run_compare(args: argparse.Namespace) -> int:
         except (FastFaceError, ImportError, OSError) as exc:
             if args.backend:
                 raise
-            print(f"{name}: unavailable ({str(exc).splitlines()[0]})")
+            from ..messages import to_cli
+
+            print(f"{name}: unavailable ({to_cli(str(exc).splitlines()[0])})")
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -255,7 +255,7 @@ def _missing_error(
     root = cause.__cause__ or cause
     why = offline_reason() if local_only() else f"the download failed ({type(root).__name__})"
     return MissingWeightsError(
-        f"face model pack '{pack.name}' is missing {names}: put {names} into {target} "
-        f"(or pass model_dir= / set ${ENV_MODEL_DIR}); searched {searched}; "
-        f"not downloaded from hub repository '{source}': {why}"
+        f"face model pack '{pack.name}' is missing {names}: fetch them with `fastface download --face-pack "
+        f"{pack.name}` on a connected machine, or put {names} into {target} or set ${ENV_MODEL_DIR} "
+        f"(Python: model_dir=<folder>); searched {searched}; not downloaded from hub repository '{source}': {why}"
     )
