@@ -242,8 +242,14 @@ def check_available(combination: Combination) -> None:
 
 def missing_message(missing: Sequence[RequiredFile], combination: Combination, why: str) -> str:
     roles = list(dict.fromkeys(f"{item.role} from {item.repo}" for item in missing))
+    # The local alternatives of the missing pieces, as Python keywords (the CLI shows them as flags).
+    local = {"base model": "base_model=<local diffusers folder or .safetensors file>",
+             "adapter": "adapter_path=<file>", "image encoder": "image_encoder=<folder>",
+             "VAE": "vae=<local diffusers VAE folder>"}
+    instead = [hint for key, hint in local.items() if any(key in item.role for item in missing)]
+    alternative = f"; or pass {', '.join(instead)}" if instead else ""
     return (f"{len(missing)} model file(s) are not in the local cache ({', '.join(roles)}) and {why}; "
-            f"fetch them all at once on a connected machine with: {combination.command()}")
+            f"fetch them all at once on a connected machine with: {combination.command()}{alternative}")
 
 
 def human_size(size: int | None) -> str:
