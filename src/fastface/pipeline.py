@@ -276,13 +276,16 @@ class FastFacePipeline:
 
         ``sampler`` names the sampling of a distilled backbone (e.g. ``"lightning-4"`` for a
         checkpoint with Lightning merged in; None: ``backbone``'s own, SDXL's 30-step Euler CFG 5 by
-        default) and its scheduler replaces ``sdxl.scheduler``; no distillation weights are loaded. Fuse LoRAs of your own into the pipeline first
-        (``sdxl.fuse_lora()``): FastFace sets the active PEFT adapters of the UNet on every call.
+        default) and its scheduler replaces ``sdxl.scheduler``; no distillation weights are loaded.
+        Fuse LoRAs of your own into the pipeline first (``sdxl.fuse_lora()``): FastFace sets the
+        active PEFT adapters of the UNet on every call.
         """
         from dataclasses import replace
 
-        spec = backbone_spec(backbone, sampler, base_model="given") if sampler else get_backbone(backbone)
-        spec = replace(spec, lora=None, unet=None)
+        from .backbones import sampler_spec
+
+        # The pipeline is given: whatever distillation it has is in its weights already.
+        spec = sampler_spec(sampler, backbone) if sampler else replace(get_backbone(backbone), lora=None, unet=None)
         loaded = None
         if adapter is not None:
             loaded = load_adapter(sdxl, adapter, backbone=spec.name, path=adapter_path, image_encoder=image_encoder)
