@@ -70,11 +70,18 @@ def test_presets_lists_everything(cli_env):
     backbones = {b["name"] for b in table["backbones"]}
     assert {"sdxl", "hyper-1", "hyper-2", "hyper-4", "hyper-8", "lcm", "lightning-2", "lightning-4",
             "lightning-8", "turbo", "dmd2", "tcd", "tiny"} <= backbones
-    assert {a["name"] for a in table["adapters"]} >= {"faceid", "faceid-plusv2"}
+    adapters = {a["name"]: a for a in table["adapters"]}
+    assert set(adapters) >= {"faceid", "faceid-plusv2", "plus-face", "faceid-portrait", "faceid-portrait-unnorm",
+                             "instantid"}
+    instantid = " ".join(adapters["instantid"]["licence"])
+    assert "Apache-2.0" in instantid and "antelopev2" in instantid and "non-commercial" in instantid
+    assert adapters["instantid"]["files"] == ["InstantX/InstantID/ip-adapter.bin", "InstantX/InstantID/ControlNetModel"]
+    assert not adapters["plus-face"]["presets_tuned"] and adapters["faceid"]["presets_tuned"]
     assert {m["name"] for m in table["methods"]} == {"fastface", "fastface-softmask", "dcg", "am", "none"}
     assert all(b["licence"] for b in table["backbones"])
     human = fastface(cli_env, "presets")
     assert human.returncode == 0 and "licence" in human.stdout
+    assert human.stdout.count("not tuned for this adapter") == 4  # the four new adapters
 
 
 def test_non_image_face(cli_env, tmp_path):
@@ -149,6 +156,8 @@ def test_demo_writes_contact_sheet(cli_env, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     methods = {row["method"] for row in summary["images"]}
     assert methods == {"fastface", "fastface-softmask", "dcg", "am", "none"}
+    assert {row["adapter"] for row in summary["images"]} == {
+        "faceid", "faceid-plusv2", "plus-face", "faceid-portrait", "faceid-portrait-unnorm", "instantid"}
     for row in summary["images"]:
         assert (out / row["path"]).is_file()
     sheet = Image.open(out / "contact_sheet.png")
@@ -168,3 +177,24 @@ def test_guidance_overrides_reach_the_plan(cli_env, tmp_path):
     assert [step["branches"] for step in meta["schedule"]] == [
         ["id", "full"], ["null", "full"], ["null", "full"], ["id", "full"]]
     assert meta["unet_evaluations"] == 8
+
+
+def test_instantid_pose_and_controlnet_scale(cli_env, tmp_path):
+    import skimage.data
+
+    pose = tmp_path / "pose.png"
+    Image.fromarray(skimage.data.astronaut()).save(pose)
+    out = tmp_path / "one.png"
+    proc = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "a person", "--backbone", "tiny",
+                    "--adapter", "instantid", "--pose", str(pose), "--controlnet-scale", "0.5", "--method", "dcg",
+                    "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["identity"]["controlnet_scale"] == 0.5 and meta["identity"]["pose"] == str(pose)
+    assert meta["unet_evaluations"] == meta["controlnet_evaluations"] == 10
+    wrong = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "a person", "--backbone", "tiny",
+                     "--pose", str(pose), "--out", str(tmp_path / "x.png"))
+    assert_user_error(wrong, "pose", "faceid")
+    missing = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "a person", "--backbone", "tiny",
+                       "--adapter", "instantid", "--pose", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "y.png"))
+    assert_user_error(missing, "--pose", "no such file")

@@ -20,6 +20,8 @@ _LAZY = {
     "Identity": "fastface.faces.types",
     "FastFaceError": "fastface.errors",
     "bundled_portrait": "fastface.commands",
+    "GenerationConfig": "fastface.config",
+    "Limits": "fastface.config",
 }
 
 __all__ = [
@@ -27,9 +29,11 @@ __all__ = [
     "AttentionManipulation",
     "FastFaceError",
     "FastFacePipeline",
+    "GenerationConfig",
     "GenerationResult",
     "GuidanceConfig",
     "Identity",
+    "Limits",
     "bundled_portrait",
     "decoupled_guidance",
     "manipulated_ip_attention",
@@ -38,6 +42,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import AttentionManipulation, manipulated_ip_attention
     from .commands import bundled_portrait
+    from .config import GenerationConfig, Limits
     from .errors import FastFaceError
     from .faces.types import Identity
     from .guidance import GuidanceConfig, decoupled_guidance

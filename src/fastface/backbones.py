@@ -243,7 +243,7 @@ def make_scheduler(spec: BackboneSpec, base_config: Mapping[str, Any]) -> Any:
 
 
 def _tiny_path(filename: str | None = None) -> Path:
-    from .testing import tiny_model_dir
+    from .tiny import tiny_model_dir
 
     root = tiny_model_dir()
     return root / filename if filename else root / "backbone"

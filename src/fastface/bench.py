@@ -137,6 +137,7 @@ class VariantResult:
     description: str
     steps: int = 0
     evaluations: int = 0
+    controlnet_evaluations: int = 0  # InstantID: one IdentityNet evaluation per branch sample
     images: int = 1
     repeats: list[dict[str, float]] = field(default_factory=list)
     peak_memory_mb: float | None = None
@@ -160,6 +161,7 @@ class VariantResult:
         out["ms_per_image"] = {stage: _round(self.per_image(stage)) for stage in STAGES}
         out["denoise_ms_per_step"] = _round(self.per_step())
         out["evaluations_per_image"] = self.evaluations
+        out["controlnet_evaluations_per_image"] = self.controlnet_evaluations
         return out
 
 
@@ -274,15 +276,19 @@ def apply_speed_options(pipe: FastFacePipeline, options: BenchOptions) -> list[s
 
 
 def timing_identity(pipe: FastFacePipeline, seed: int) -> Any:
-    """A random identity of the adapter's embedding size (and random face crops for FaceID-Plus)."""
+    """A random identity for any adapter: an embedding of its size (raw = as drawn), a random face
+    crop (CLIP adapters) and a face's five keypoints on a 512 x 512 photo (InstantID)."""
     import numpy as np
 
+    from .faces.align import ARCFACE_TEMPLATE
     from .faces.types import Identity
 
     rng = np.random.default_rng(seed)
-    identity = Identity.from_embeddings(rng.standard_normal(pipe.adapter.embedding_dim).astype(np.float32))
-    if pipe.adapter.spec.kind == "faceid-plus":
-        identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    dim = pipe.adapter.embedding_dim or 512
+    identity = Identity.from_embeddings(rng.standard_normal(dim).astype(np.float32))
+    identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    identity.keypoints = [(ARCFACE_TEMPLATE * 2.5 + 116).astype(np.float32)]
+    identity.image_sizes = [(512, 512)]
     return identity
 
 
@@ -328,27 +334,26 @@ def variant_specs(options: BenchOptions) -> dict[str, VariantSpec]:
 
 
 def run_engine(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
-               height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+               height: int, width: int, seed: int) -> tuple[dict[str, float], int, int, Any, list[Any]]:
     """One end-to-end call through :class:`FastFacePipeline`; the engine's synchronised stage timings."""
-    result = pipe(
-        [PROMPT] if options.images == 1 else [PROMPT] * options.images,
-        identity,
-        method=spec.method,
-        guidance=spec.guidance,
-        steps=spec.steps or steps,
-        height=height,
-        width=width,
-        seed=seed,
-        output_type="pil",
-        progress=False,
+    from .config import GenerationConfig
+
+    config = GenerationConfig(
+        prompts=(PROMPT,) * options.images, backbone=pipe.backbone.name,
+        adapter=None if pipe.adapter is None else pipe.adapter.spec.name, method=spec.method or "fastface",
+        steps=spec.steps or steps, height=height, width=width, seed=seed,
     )
+    if spec.guidance is not None:
+        config = config.with_guidance(spec.guidance)
+    result = pipe.generate(config, identity, output_type="pil", progress=False)
     meta = result.metadata[0]
     timings = {stage: float(meta["timings_ms"][stage]) for stage in STAGES}
-    return timings, int(meta["unet_evaluations"]), result.latents, result.images
+    controlnet = int(meta.get("controlnet_evaluations", 0))
+    return timings, int(meta["unet_evaluations"]), controlnet, result.latents, result.images
 
 
 def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
-              height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+              height: int, width: int, seed: int) -> tuple[dict[str, float], int, int, Any, list[Any]]:
     """FastFace as the published research code computes it, for comparison.
 
     Every step evaluates ε∅, εI and εTI (one batch of 3 per image), whatever the coefficients;
@@ -359,31 +364,37 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .guidance import decoupled_guidance, resolve_schedule
-    from .processors import CONTEXT_KEY, IPContext
+    from .guidance import StepPlan, decoupled_guidance, plan_steps
+    from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE
+    from .steps import assemble_step_inputs, sdxl_time_ids
 
     if pipe.adapter is None or pipe.adapter.spec.kind != "faceid":
         raise ConfigError("the naive variant is implemented for the faceid adapter")
     device, dtype = pipe.device, pipe.dtype
     sdxl, unet = pipe.sdxl, pipe.sdxl.unet
     cfg, am = pipe.resolve_method(spec.method or "fastface")
-    # The same LoRAs active as in an engine call (distillation + adapter at weight 1).
-    pipe._apply_loras(1.0)
-    alphas = resolve_schedule(cfg.alpha, steps, peak=1.5, name="alpha")
-    betas = resolve_schedule(cfg.beta, steps, peak=3.0, name="beta")
+    # The same LoRAs active as in an engine call (distillation + adapter at the default weight).
+    pipe.activate_loras(DEFAULT_LORA_SCALE)
+    # Every step evaluates ε∅, εI and εTI, whatever the coefficients (the published loop).
+    plans = [StepPlan(p.step, p.alpha, p.beta, p.rescale, ("null", "id", "full")) for p in plan_steps(cfg, steps)]
     n = options.images
     start = time.perf_counter()
     embedding = torch.as_tensor(identity.embedding[None], device=device, dtype=dtype).expand(n, -1)
-    id_embeds = torch.cat([torch.zeros_like(embedding), embedding, embedding])
     synchronize(device)
     t_prompt = time.perf_counter()
     embeds = pipe.encode_prompt([PROMPT] * n)
     synchronize(device)
     t_loop = time.perf_counter()
     with torch.no_grad():
-        text = torch.cat([embeds.null, embeds.null, embeds.cond])
-        pooled = torch.cat([embeds.null_pooled, embeds.null_pooled, embeds.pooled])
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(3 * n, -1)
+        projection = pipe.adapter.projection
+        [step_inputs] = assemble_step_inputs(
+            plans[:1], text=embeds.cond, null_text=embeds.null, pooled=embeds.pooled, null_pooled=embeds.null_pooled,
+            time_ids=sdxl_time_ids(height, width, device=device, dtype=dtype),
+            identity=projection(embedding), null_identity=projection(torch.zeros_like(embedding)),
+        )
+        # The published code projects the raw embeddings inside every UNet call, in batch order.
+        id_embeds = torch.cat([embedding if with_id else torch.zeros_like(embedding)
+                               for _, with_id in step_inputs.conditions])
         scheduler = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
@@ -392,16 +403,19 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
 
         def naive_denoising_loop(latents: torch.Tensor) -> torch.Tensor:
             for k, t in enumerate(scheduler.timesteps):
-                model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-                tokens = pipe.adapter.projection(id_embeds)
-                context = IPContext(tokens=tokens, scale=0.8, step=k, attention=am)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * step_inputs.num_chunks), t)
+                tokens = projection(id_embeds)
                 out = unet(
-                    model_input, t, encoder_hidden_states=text,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                    cross_attention_kwargs={CONTEXT_KEY: context}, return_dict=False,
+                    model_input, t, encoder_hidden_states=step_inputs.encoder_hidden_states,
+                    added_cond_kwargs=step_inputs.added_cond_kwargs,
+                    cross_attention_kwargs=pipe.adapter.attention_kwargs(
+                        tokens, scale=DEFAULT_IP_SCALE, step=k, attention=am),
+                    return_dict=False,
                 )[0]
-                uncond, id_only, full = out.chunk(3)
-                noise = decoupled_guidance(uncond, id_only, full, alphas[k], betas[k], rescale=cfg.rescale)
+                chunks = out.chunk(step_inputs.num_chunks)
+                uncond, id_only, full = (chunks[step_inputs.rows[b]] for b in ("null", "id", "full"))
+                plan = plans[k]
+                noise = decoupled_guidance(uncond, id_only, full, plan.alpha, plan.beta, rescale=cfg.rescale)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             return latents
 
@@ -418,7 +432,7 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
         "decode": (end - t_decode) * 1000,
         "total": (end - start) * 1000,
     }
-    return timings, 3 * steps, latents, images
+    return timings, 3 * steps, 0, latents, images
 
 
 def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: int, pairs: int,
@@ -432,6 +446,7 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
     """
     import torch
 
+    from .presets import DEFAULT_IP_SCALE
     from .processors import CONTEXT_KEY, IPContext, make_am_kernel
 
     if kernels is None:
@@ -451,9 +466,9 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
         "time_ids": torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(3, -1),
     }
     ident = torch.cat([tokens.null, tokens.cond, tokens.cond]).to(device, dtype)
-    contexts = {"off": {CONTEXT_KEY: IPContext(tokens=ident, scale=0.8, step=1, attention=None)}}
+    contexts = {"off": {CONTEXT_KEY: IPContext(tokens=ident, scale=DEFAULT_IP_SCALE, step=1, attention=None)}}
     for kind in kernels:
-        contexts[kind] = {CONTEXT_KEY: IPContext(tokens=ident, scale=0.8, step=1, attention=am,
+        contexts[kind] = {CONTEXT_KEY: IPContext(tokens=ident, scale=DEFAULT_IP_SCALE, step=1, attention=am,
                                                  am_kernel=make_am_kernel(kind))}
 
     def timed(name: str) -> float:
@@ -698,13 +713,14 @@ def run_benchmark(
             # Warm-up of the long baseline: a few steps run the same kernels as all 30.
             spec = VariantSpec(spec.name, spec.description, spec.method, spec.guidance, min(spec.steps, 3), spec.naive)
         reset_peak_memory(device)
-        timings, evaluations, latents, images = run(pipe, spec, identity, options, spec.steps or steps, height, width,
-                                                    options.seed)
+        timings, evaluations, controlnet, latents, images = run(pipe, spec, identity, options, spec.steps or steps,
+                                                                height, width, options.seed)
         if warm:
             return
         result = results[row]
         result.repeats.append({k: round(v, 3) for k, v in timings.items()})
         result.evaluations = evaluations
+        result.controlnet_evaluations = controlnet
         result.steps = call_steps
         result.peak_memory_mb = max(result.peak_memory_mb or 0.0, peak_memory_mb(device))
         outputs[row] = (latents, images)
@@ -960,17 +976,18 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"on {where} ({machine['device']}, torch {machine['torch']}, {machine.get('torch_threads')} threads)"
         + (f"; speed options: {', '.join(report['speed_options'])}" if report["speed_options"] else ""),
         "",
-        "| variant | LoRA | steps | UNet evals | identity ms | prompt ms | denoise ms | decode ms | total ms/image "
-        "| vs none | ms/step | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | LoRA | steps | UNet evals | ControlNet evals | identity ms | prompt ms | denoise ms | decode ms "
+        "| total ms/image | vs none | ms/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["results"].items():
         ms = row["ms_per_image"]
         if row["error"]:
-            lines.append(f"| {name} | {row['lora_state']} | – | – | failed: {row['error']} | | | | | | | |")
+            lines.append(f"| {name} | {row['lora_state']} | – | – | – | failed: {row['error']} | | | | | | | |")
             continue
         lines.append(
-            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | {_fmt(ms['identity'])} | "
+            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | "
+            f"{row.get('controlnet_evaluations', 0)} | {_fmt(ms['identity'])} | "
             f"{_fmt(ms['prompt'])} | {_fmt(ms['denoise'])} | {_fmt(ms['decode'])} | {_fmt(ms['total'])} | "
             f"{_fmt(report['ratios_vs_none'].get(name), 2)} | {_fmt(row['denoise_ms_per_step'])} | "
             f"{_fmt(row['peak_memory_mb'], 0)} |"

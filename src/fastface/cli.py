@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
     commands.register(sub)
-    for module_name in ("fastface.faces.cli", "fastface.doctor", "fastface.downloads", "fastface.evaluation.cli",
-                        "fastface.bench"):
+    for module_name in (
+        "fastface.faces.cli", "fastface.doctor", "fastface.downloads", "fastface.evaluation.cli", "fastface.bench",
+        "fastface.serve.cli",
+    ):
         module = _optional_module(module_name)
         if module is not None:
             module.register(sub)

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     gen.add_argument("--out", required=True, metavar="PATH",
                      help="output directory (or a .png file name for a single image)")
+    gen.add_argument("--pose", default=None, metavar="PHOTO",
+                     help="instantid: take the face keypoints (the pose) from this photo instead of the first --face")
     gen.add_argument("--no-fuse", action="store_true",
                      help="keep the LoRAs unfused (slower; the default merges them once into the UNet)")
     gen.set_defaults(func=run_generate)
@@ -67,7 +69,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (backbone default)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--ip-scale", type=float, default=0.8, help="adapter scale λ")
+    parser.add_argument("--ip-scale", type=float, default=None,
+                        help="adapter scale λ (default: presets.DEFAULT_IP_SCALE, IP-Adapter's published value)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="weight of the adapter's own LoRA")
     parser.add_argument("--alpha", default=None, help="identity guidance: a number or per-step list '1,1.5,1.5,1'")
     parser.add_argument("--beta", default=None, help="text guidance: a number or per-step list")
@@ -79,7 +82,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="sample --base-model (a checkpoint with the distillation merged in) like backbone NAME: "
                              "its scheduler, steps and CFG-free scale, no distillation weights (e.g. lightning-4)")
     parser.add_argument("--adapter-path", default=None, help="local adapter checkpoint instead of the hub's")
-    parser.add_argument("--image-encoder", default=None, help="local CLIP image encoder (faceid-plusv2)")
+    parser.add_argument("--image-encoder", default=None,
+                        help="local CLIP image encoder (faceid-plusv2, plus-face)")
+    parser.add_argument("--controlnet-scale", type=float, default=None,
+                        help="instantid: scale of the IdentityNet ControlNet's residuals (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="extra style LoRA with optional weight; repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -93,56 +99,79 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="decode in tiles: VAE memory independent of the image size")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep models on the CPU, each moved to the GPU only while it runs (CUDA only; slower)")
+    parser.add_argument("--limits", default=None, metavar="KEY=N[,KEY=N]",
+                        help="raise the upper bounds for big machines: steps (default 200), size (height and "
+                             "width, 4096), images (per call, 64); e.g. --limits steps=500,size=8192")
 
 
 # --------------------------------------------------------------------------- resolution
 
 
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~fastface.config.GenerationConfig` of parsed ``generate`` (or ``eval run``) options."""
+    from .config import GenerationConfig, Limits
+    from .presets import DEFAULT_IP_SCALE
+
+    limits = getattr(args, "limits", None)
+    prompts = getattr(args, "prompt", None) or ()
+    return GenerationConfig(
+        prompts=tuple(prompts),
+        negative_prompt=getattr(args, "negative_prompt", None),
+        backbone=args.backbone,
+        adapter=args.adapter,
+        method=args.method,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        num_images=getattr(args, "num_images", 1),
+        seed=getattr(args, "seed", 0),
+        ip_scale=DEFAULT_IP_SCALE if args.ip_scale is None else args.ip_scale,
+        lora_scale=args.lora_scale,
+        alpha=args.alpha,
+        beta=args.beta,
+        rescale=args.rescale,
+        rescale_on=args.rescale_on,
+        face_backend=args.face_backend,
+        base_model=args.base_model,
+        adapter_path=args.adapter_path,
+        image_encoder=args.image_encoder,
+        sampler=getattr(args, "sampler", None),
+        loras=tuple(parse_lora(item) for item in args.lora),
+        device=getattr(args, "device", "auto") or "auto",
+        dtype=getattr(args, "dtype", "auto") or "auto",
+        vae=getattr(args, "vae", None),
+        vae_tiling=bool(getattr(args, "vae_tiling", False)),
+        cpu_offload=bool(getattr(args, "cpu_offload", False)),
+        fuse_loras=not getattr(args, "no_fuse", False),
+        limits=Limits.parse(limits) if isinstance(limits, str) else (limits or Limits()),
+        adapter_options=adapter_options_from_args(args),
+    )
+
+
+def adapter_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The adapter's own options given on the command line (InstantID: --controlnet-scale, --pose)."""
+    options: dict[str, Any] = {}
+    if getattr(args, "controlnet_scale", None) is not None:
+        options["controlnet_scale"] = args.controlnet_scale
+    pose = getattr(args, "pose", None)
+    if pose is not None:
+        if not Path(pose).expanduser().is_file():
+            raise InputError(f"--pose {pose}: no such file")
+        options["pose"] = str(Path(pose).expanduser())
+    return options
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Check every name and number of a generation configuration without loading a model."""
-    from .adapters import spec_for_backbone
-    from .backbones import backbone_spec
-    from .guidance import GuidanceConfig, resolve_schedule
-    from .presets import get_method, plain_cfg
-
-    backbone = backbone_spec(args.backbone, getattr(args, "sampler", None), args.base_model)
-    adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
-    method = get_method(args.method)
-    steps = args.steps if args.steps is not None else backbone.steps
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise ConfigError(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.ip_scale < 0:
-        raise ConfigError(f"--ip-scale must be >= 0, got {args.ip_scale}")
-
-    guidance = method.guidance if method.guidance is not None else plain_cfg(backbone.cfg_scale)
-    overrides = {key: getattr(args, key) for key in ("alpha", "beta", "rescale", "rescale_on")
-                 if getattr(args, key) is not None}
-    if overrides:
-        fields = guidance.to_dict() if hasattr(guidance, "to_dict") else {}
-        fields = {k: v for k, v in fields.items() if k in ("alpha", "beta", "rescale", "rescale_on", "decomposition")}
-        fields.update(overrides)
-        guidance = GuidanceConfig(**fields)
-    # Schedules are checked against the step count now, before any model loads.
-    resolve_schedule(guidance.alpha, steps, peak=1.5, name="alpha")
-    resolve_schedule(guidance.beta, steps, peak=3.0, name="beta")
+    config = config_from_args(args)
+    resolved = config.validate().as_dict()
     from .hub import check_weights_file
 
     # A damaged weights file the user named is one line now, not a traceback after a model load.
-    for path, what in [(args.adapter_path, "--adapter-path"), *((p, "--lora") for p, _ in map(parse_lora, args.lora))]:
+    for path, what in [(config.adapter_path, "--adapter-path"), *((p, "--lora") for p, _ in config.loras)]:
         if path is not None and Path(path).is_file():
             check_weights_file(path, what=what)
-    return {
-        "backbone": backbone,
-        "adapter": adapter,
-        "method": method,
-        "guidance": guidance,
-        "steps": steps,
-        "loras": [parse_lora(item) for item in args.lora],
-    }
+    return resolved
 
 
 def parse_lora(item: str) -> tuple[str, float]:
@@ -156,20 +185,12 @@ def parse_lora(item: str) -> tuple[str, float]:
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
-    import torch
+    """(device name, torch dtype) for ``--device``/``--dtype`` (one clear error for a bad value)."""
+    from .backbones import default_dtype
+    from .config import check_device, check_dtype
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device")
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
-    return device, getattr(torch, dtype)
+    resolved = check_device(device)
+    return str(resolved), check_dtype(dtype) or default_dtype(resolved)
 
 
 def default_face_backend(adapter: Any) -> str:
@@ -217,45 +238,31 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any, **opt
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    # Names first, then the face files, then everything the combination lacks (one error naming one
-    # command), all before torch even loads.
+    # Names first, then the face files, then the numbers, then everything the combination lacks (one
+    # error naming one command), all before torch even loads.
     combination = generation_combination(args)
     for path in args.face:
         if not Path(path).exists():
             raise InputError(f"face file '{path}' does not exist")
     if all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in args.face):
         from .adapters import spec_for_backbone
-        from .backbones import get_backbone
 
-        adapter = None if args.adapter in (None, "none") else spec_for_backbone(args.adapter, get_backbone(args.backbone).name)
+        adapter = None if combination.adapter is None else spec_for_backbone(
+            combination.adapter, backbone_name(args))
         load_identity(args.face, args.face_backend, adapter)  # a wrong embedding file is the first thing to fix
+    config = config_from_args(args)
+    resolved = resolve_config(args)
     check_available(combination)
-    config = resolve_config(args)
-    warn_ineffective(args, config)
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
+    warn_ineffective(args, resolved)
     out = Path(args.out)
     single_file = out.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}
-    total = len(args.prompt) * args.num_images
+    total = len(config.prompts) * config.num_images
     if single_file and total > 1:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
-    identity = load_identity(args.face, args.face_backend, config["adapter"], select=args.select,
+    identity = load_identity(args.face, args.face_backend, resolved["adapter"], select=args.select,
                              outlier_threshold=args.outlier_threshold, reject_threshold=args.reject_threshold)
-    pipe = load_pipeline(args, config)
-    result = pipe(
-        args.prompt,
-        face=identity,
-        method=config["method"].name,
-        guidance=config["guidance"],
-        negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
-        steps=config["steps"],
-        height=args.height,
-        width=args.width,
-        ip_scale=args.ip_scale,
-        lora_scale=args.lora_scale,
-    )
+    pipe = load_pipeline(config)
+    result = pipe.generate(config, identity)
     paths = write_images(result, out, single_file=single_file)
     print(licence_line(result.metadata[0].get("licence", {})), file=sys.stderr)
     for path in paths:
@@ -263,29 +270,37 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# Defaults of the options whose explicit use can be ineffective (see fastface.advice).
-_DEFAULTS: dict[str, Any] = {"ip_scale": 0.8, "lora_scale": 1.0, "select": "largest", "no_fuse": False,
-                             "cpu_offload": False}
-
-
 def warn_ineffective(args: argparse.Namespace, config: dict[str, Any]) -> None:
     """One ``warning:`` line per option that changes nothing in this configuration."""
     from .advice import ineffective_options
+    from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE
+
+    # Defaults of the options whose explicit use can be ineffective (see fastface.advice).
+    defaults: dict[str, Any] = {"ip_scale": DEFAULT_IP_SCALE, "lora_scale": DEFAULT_LORA_SCALE,
+                                "select": "largest", "no_fuse": False, "cpu_offload": False}
 
     given: dict[str, Any] = {}
     for name in ("negative_prompt", "rescale", "rescale_on", "face_backend", "image_encoder", "adapter_path",
                  "outlier_threshold", "reject_threshold"):
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
-    for name, default in _DEFAULTS.items():
-        if getattr(args, name, default) != default:
-            given[name] = getattr(args, name)
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if value is not None and value != default:  # None: not given (--ip-scale defaults to None)
+            given[name] = value
     faces = getattr(args, "face", None) or []
     for finding in ineffective_options(
         method=config["method"], guidance=config["guidance"], steps=config["steps"], adapter=config["adapter"],
         given=given, face_is_embedding=bool(faces) and all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in faces),
     ):
         print(f"warning: {finding.message(cli=True)}", file=sys.stderr)
+
+
+def backbone_name(args: argparse.Namespace) -> str:
+    """The name of the backbone (or sampler setting) a generation command runs."""
+    from .backbones import backbone_spec
+
+    return backbone_spec(args.backbone, getattr(args, "sampler", None), args.base_model).name
 
 
 def generation_combination(args: argparse.Namespace) -> Combination:
@@ -312,31 +327,16 @@ def generation_combination(args: argparse.Namespace) -> Combination:
         precision=precision)
 
 
-def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+def load_pipeline(config: Any) -> Any:
+    """The pipeline of a :class:`~fastface.config.GenerationConfig`.
+
+    One command = one LoRA weighting: unless ``fuse_loras`` is off (``--no-fuse``) the LoRAs are
+    merged into the UNet once, which removes their per-layer cost (1.76x faster per image on an
+    H200, benchmarks/RESULTS.md). Offloaded weights move between devices, so they stay unfused there.
+    """
     from .pipeline import FastFacePipeline
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    pipe = FastFacePipeline.from_pretrained(
-        backbone=args.backbone,
-        sampler=getattr(args, "sampler", None),
-        adapter=config["adapter"].name if config["adapter"] is not None else None,
-        base_model=args.base_model,
-        adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder,
-        loras=config["loras"],
-        device=device,
-        dtype=dtype,
-        # Read with defaults: callers may build the namespace themselves (eval run's RunConfig).
-        vae=getattr(args, "vae", None),
-        vae_tiling=bool(getattr(args, "vae_tiling", False)),
-        cpu_offload=bool(getattr(args, "cpu_offload", False)),
-    )
-    # One command = one LoRA weighting: merging the LoRAs into the UNet once removes their per-layer
-    # cost (1.76x faster per image on an H200, benchmarks/RESULTS.md). Offloaded weights move
-    # between devices, so they stay unfused there.
-    if not getattr(args, "no_fuse", False) and not getattr(args, "cpu_offload", False):
-        pipe.fuse_loras(args.lora_scale)
-    return pipe
+    return FastFacePipeline.from_config(config)
 
 
 def licence_line(licence: dict[str, Any]) -> str:
@@ -416,12 +416,19 @@ def run_presets(args: argparse.Namespace) -> int:
         print(f"  {b['name']:<13} {b['steps']:>2} steps  {b['resolution']:>4}px  cfg {b['cfg_scale']:<4}"
               f"  {b['description']}")
         print(f"  {'':<13} licence: {'; '.join(b['licence'])}")
-    print("\nADAPTERS")
+    print("\nADAPTERS (name, checkpoint, face input, tokens per photo, licence)")
     for a in table["adapters"]:
+        dim = a.get("embedding_dim")
+        face = f"{dim}-d embedding" if dim else "face crop only (no embedding)"
         extra = f", image encoder {a['image_encoder']}" if a.get("image_encoder") else ""
-        print(f"  {a['name']:<13} {a.get('repo', '')}/{a.get('weight_name', '')}"
-              f" ({a.get('embedding_dim', '?')}-d embedding{extra})")
-        print(f"  {'':<13} licence: {a.get('licence', '?')}")
+        print(f"  {a['name']:<22} {a.get('repo', '')}/{a.get('weight_name', '')}"
+              f" ({face}{extra}; {a.get('num_tokens', '?')} tokens per photo)")
+        more = [f for f in a.get("files", [])[1:] if not a.get("image_encoder") or a["image_encoder"] not in f]
+        if more:
+            print(f"  {'':<22} also needs: {', '.join(more)}")
+        if not a.get("presets_tuned", True):
+            print(f"  {'':<22} method presets: the published FaceID values, not tuned for this adapter")
+        print(f"  {'':<22} licence: {'; '.join(a.get('licence', ['?']))}")
     print("\nMETHODS")
     for m in table["methods"]:
         print(f"  {m['name']:<18} {m.get('description', '')}")

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-DEMO_ADAPTERS = ("faceid", "faceid-plusv2")
 TILE = 192
 
 
 def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: bool = True) -> Path:
+    from .adapters import ADAPTERS
     from .commands import write_images
+    from .config import GenerationConfig
     from .faces import build_identity, load_image
     from .pipeline import FastFacePipeline
     from .presets import METHODS
@@ -28,10 +29,12 @@ def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     identity = build_identity([str(face)], backend="dlib")
     rows: list[dict] = []
-    for adapter in DEMO_ADAPTERS:
-        pipe = FastFacePipeline.from_pretrained(backbone="tiny", adapter=adapter, device="cpu")
+    for adapter in ADAPTERS:  # every registered adapter, each on its tiny random-weight checkpoint
+        base = GenerationConfig(prompts=(prompt,), backbone="tiny", adapter=adapter, seed=seed, device="cpu",
+                                fuse_loras=False)
+        pipe = FastFacePipeline.from_config(base)
         for method in METHODS:
-            result = pipe(prompt, face=identity, method=method, seed=seed, progress=False)
+            result = pipe.generate(base.replace(method=method), identity, progress=False)
             [path] = write_images(result, out / adapter, stem=method)
             meta = result.metadata[0]
             rows.append({

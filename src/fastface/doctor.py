@@ -229,9 +229,16 @@ def probe_generation_models() -> dict[str, Any]:
             entry["status"] = "partial" if entry["status"] == "present" and len(items) > len(base_items) else "missing"
             entry["how"] = combo.command()
         out["backbones"][name] = entry
-    for name in adapters or {}:
+    for name, spec in (adapters or {}).items():
+        if getattr(spec, "repo", None) == "tiny":
+            continue  # the tiny test adapters ship with FastFace (see "tiny_models")
+        # Every file the adapter declares (spec.required_files(): checkpoint, image encoder, extras such
+        # as InstantID's ControlNet), each present or missing, and the one command fetching the rest.
         combo = Combination(backbone=None, adapter=name)
-        out["adapters"][name] = _check(required_files(combo), combo.command())
+        entry = _check(required_files(combo), combo.command())
+        if getattr(spec, "face_backend", None):
+            entry["face_backend"] = spec.face_backend
+        out["adapters"][name] = entry
     vaes = _optional_attr("fastface.backbones", "VAES") or {}
     for name in vaes:
         combo = Combination(backbone=None, adapter=None, vae=name)
@@ -249,7 +256,7 @@ def probe_generation_models() -> dict[str, Any]:
 
 def probe_tiny_models() -> dict[str, Any]:
     """The tiny random-weight models of the demo and the tests: built on first use, offline."""
-    from .testing import TINY_VERSION, default_cache_root
+    from .tiny import TINY_VERSION, default_cache_root
 
     folder = default_cache_root() / f"tiny-sdxl-v{TINY_VERSION}"  # looked at, never built here
     ready = (folder / "COMPLETE").is_file()
@@ -346,7 +353,17 @@ def render(report: dict[str, Any]) -> str:
     for kind, label in (("base_models", "base"), ("backbones", "backbone"), ("adapters", "adapter"),
                         ("vaes", "vae"), ("scoring", "scoring")):
         for name, entry in gen.get(kind, {}).items():
-            rows.append((f"{label}: {name}", entry.get("status", "?"), entry.get("how", "")))
+            detail = entry.get("how", "")
+            if kind == "adapters":
+                # which files it needs, each present or missing, and the face backend it reads
+                parts = [f"{f['repo']}/{f['file']}: {'present' if f['path'] else 'missing'}"
+                         for f in entry.get("files", [])]
+                if entry.get("face_backend"):
+                    parts.append(f"face backend {entry['face_backend']}")
+                if entry.get("how"):
+                    parts.append(entry["how"])
+                detail = "; ".join(parts)
+            rows.append((f"{label}: {name}", entry.get("status", "?"), detail))
     tiny = report["tiny_models"]
     rows.append(("tiny models", tiny.get("status", "?"), tiny.get("location", tiny.get("error", ""))))
     width = max(len(r[0]) for r in rows)

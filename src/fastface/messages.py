@@ -44,7 +44,8 @@ CLI_FLAGS: dict[str, str] = {
     "allow_partial": "--allow-partial",
 }
 _BOOLEAN_FLAGS = {"vae_tiling", "cpu_offload", "allow_partial"}
-_KEYWORD = re.compile(r"\b(" + "|".join(sorted(CLI_FLAGS, key=len, reverse=True)) + r")=(True\b|<[^>]*>|[^\s,;)]+)?")
+# Not inside a CLI value: "--limits steps=N,size=N" names limit keys, not keywords.
+_KEYWORD = re.compile(r"(?<!--limits )(?<!,)\b(" + "|".join(sorted(CLI_FLAGS, key=len, reverse=True)) + r")=(True\b|<[^>]*>|[^\s,;)]+)?")
 _PYTHON_ONLY = re.compile(r"\s*\(Python: [^()]*\)")
 
 

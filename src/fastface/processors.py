@@ -46,6 +46,8 @@ class IPContext:
     attention: AttentionManipulation | None = None
     # How scale-power AM is computed (see AM_KERNELS); None = the reference implementation.
     am_kernel: Callable[..., torch.Tensor] | None = None
+    # Identity tokens per reference photo (the adapter's); None: the whole token axis is one photo.
+    tokens_per_photo: int | None = None
 
 
 def scale_power_attention(
@@ -101,6 +103,9 @@ def part_of(name: str) -> str:
 
 class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor with the identity branch driven by an :class:`IPContext`.
+
+    ``__call__`` is adapted from diffusers 0.42.1 ``IPAdapterAttnProcessor2_0.__call__`` (text
+    branch and output path unchanged; the identity branch replaced).
 
     Shares the ``to_k_ip``/``to_v_ip`` modules of the processor it replaces (no copy). Without a
     context (the UNet called outside FastFace) the identity branch is off: text-only attention.
@@ -192,7 +197,10 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
             if context.am_kernel is not None and isinstance(params, ScalePowerParams) and am.tokens is None:
                 out = context.am_kernel(query, ip_key, ip_value, params.scale, params.power, am.cap)
             else:
-                out = manipulated_ip_attention(query, ip_key, ip_value, am, part=self.part, step=context.step)
+                out = manipulated_ip_attention(
+                    query, ip_key, ip_value, am, part=self.part, step=context.step,
+                    tokens_per_photo=context.tokens_per_photo,
+                )
         else:
             out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)

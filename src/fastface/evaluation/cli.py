@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps=args.steps, height=args.height, width=args.width, ip_scale=args.ip_scale, lora_scale=args.lora_scale,
         alpha=args.alpha, beta=args.beta, rescale=args.rescale, rescale_on=args.rescale_on,
         face_backend=args.face_backend, base_model=args.base_model, adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
+        image_encoder=args.image_encoder, controlnet_scale=args.controlnet_scale, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
         vae_tiling=args.vae_tiling, negative_prompt=args.negative_prompt, reference_photos=args.reference_photos, batch_size=args.batch_size)
     grid = Grid(seeds=args.seeds, split=args.split, limit=args.limit)
     summary = run_grid(config, args.dataset, args.run_dir, grid, device=args.device,

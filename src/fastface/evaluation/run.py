@@ -16,7 +16,6 @@ or on how the work was split: a resumed or distributed run gives the same bytes 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -53,7 +52,7 @@ class RunConfig:
     steps: int | None = None
     height: int | None = None
     width: int | None = None
-    ip_scale: float = 0.8
+    ip_scale: float | None = None  # None: presets.DEFAULT_IP_SCALE (filled in on creation)
     lora_scale: float = 1.0
     alpha: str | None = None
     beta: str | None = None
@@ -63,6 +62,7 @@ class RunConfig:
     base_model: str | None = None
     adapter_path: str | None = None
     image_encoder: str | None = None
+    controlnet_scale: float | None = None  # instantid (None: the adapter's default)
     lora: tuple[str, ...] = ()
     dtype: str = "auto"
     vae: str | None = None
@@ -72,6 +72,10 @@ class RunConfig:
     batch_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.ip_scale is None:
+            from ..presets import DEFAULT_IP_SCALE
+
+            object.__setattr__(self, "ip_scale", DEFAULT_IP_SCALE)
         if self.reference_photos < 1:
             raise ConfigError(f"--reference-photos must be at least 1, got {self.reference_photos}")
         if self.batch_size < 1:
@@ -91,10 +95,21 @@ class RunConfig:
         data["lora"] = list(self.lora)
         return data
 
-    def namespace(self, device: str = "auto", cpu_offload: bool = False) -> argparse.Namespace:
-        """The options as ``fastface generate`` parses them, for the engine's own checks and loaders."""
-        return argparse.Namespace(**{**asdict(self), "lora": list(self.lora), "device": device,
-                                     "cpu_offload": cpu_offload})
+    def generation_config(self, device: str = "auto", cpu_offload: bool = False) -> Any:
+        """The :class:`~fastface.config.GenerationConfig` of this run (prompts and seeds come per batch)."""
+        from ..commands import parse_lora
+        from ..config import GenerationConfig
+
+        return GenerationConfig(
+            negative_prompt=self.negative_prompt, backbone=self.backbone, adapter=self.adapter,
+            method=self.method, steps=self.steps, height=self.height, width=self.width,
+            ip_scale=float(self.ip_scale), lora_scale=self.lora_scale, alpha=self.alpha, beta=self.beta,
+            rescale=self.rescale, rescale_on=self.rescale_on, face_backend=self.face_backend,
+            base_model=self.base_model, adapter_path=self.adapter_path, image_encoder=self.image_encoder,
+            loras=tuple(parse_lora(item) for item in self.lora), device=device, dtype=self.dtype, vae=self.vae,
+            vae_tiling=self.vae_tiling, cpu_offload=cpu_offload,
+            adapter_options={} if self.controlnet_scale is None else {"controlnet_scale": self.controlnet_scale},
+        )
 
     @staticmethod
     def option(field_name: str) -> str:
@@ -274,7 +289,8 @@ def canonical_command(config: RunConfig, grid: Grid, dataset_dir: str, run_dir: 
     cmd += ["--backbone", config.backbone, "--method", config.method]
     cmd += ["--no-identity"] if config.adapter is None else ["--adapter", config.adapter]
     for name in ("steps", "height", "width", "ip_scale", "lora_scale", "alpha", "beta", "rescale", "rescale_on",
-                 "face_backend", "base_model", "adapter_path", "image_encoder", "dtype", "vae", "negative_prompt",
+                 "face_backend", "base_model", "adapter_path", "image_encoder", "controlnet_scale", "dtype", "vae",
+                 "negative_prompt",
                  "reference_photos", "batch_size"):
         value = getattr(config, name)
         if value is not None:
@@ -471,14 +487,7 @@ class _PeakMemory:
 
 def resolve_run_config(config: RunConfig) -> dict[str, Any]:
     """The engine's own check of every name and number (no model loads), plus the face backend."""
-    from .. import commands
-    from ..adapters import spec_for_backbone
-
-    resolved = commands.resolve_config(config.namespace())
-    resolved["face_backend"] = None
-    if config.adapter is not None:
-        resolved["face_backend"] = config.face_backend or spec_for_backbone(config.adapter, config.backbone).face_backend
-    return resolved
+    return config.generation_config().validate().as_dict()
 
 
 def _device_for_rank(device: str | None) -> str:
@@ -551,7 +560,8 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    pipe = commands.load_pipeline(config.namespace(_device_for_rank(device), cpu_offload), resolved)
+    generation = config.generation_config(_device_for_rank(device), cpu_offload)
+    pipe = commands.load_pipeline(generation)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)
     tokens_by_identity: dict[str, Any] = {}
@@ -565,7 +575,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             if config.identity:
                 face = identities[first.identity]
                 if first.identity not in tokens_by_identity:
-                    tokens_by_identity[first.identity] = pipe.encode_identity(face)
+                    tokens_by_identity[first.identity] = pipe.encode_identity(face, **dict(generation.adapter_options))
                 tokens = tokens_by_identity[first.identity]
             if first.prompt.id not in prompt_embeds:
                 prompt_embeds[first.prompt.id] = pipe.encode_prompt(first.prompt.text, config.negative_prompt)
