@@ -289,6 +289,15 @@ def timing_identity(pipe: FastFacePipeline, seed: int) -> Any:
     identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
     identity.keypoints = [(ARCFACE_TEMPLATE * 2.5 + 116).astype(np.float32)]
     identity.image_sizes = [(512, 512)]
+    if pipe.adapter.spec.kind.startswith("pulid"):
+        # PuLID reads the photo itself (EVA-CLIP on the aligned face): the bundled portrait, with
+        # keypoints placed by the FFHQ template (timing does not depend on where the face is).
+        from importlib.resources import files
+
+        from .models.pulid_face import FFHQ_TEMPLATE_512
+
+        identity.sources = [str(files("fastface") / "data" / "portrait.jpg")]
+        identity.keypoints = [(FFHQ_TEMPLATE_512 * 0.5 + 20).astype(np.float32)]
     return identity
 
 

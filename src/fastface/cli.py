@@ -77,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except OSError as exc:
+        from .atomic import DiskFullError, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # A writer that does not name its file (a plot, a library's cache) still gets one line.
+        sys.stderr.write(f"error: {DiskFullError(exc.filename or 'an output file')}\n")
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """CLI sub-commands of the engine: ``generate``, ``demo`` and ``presets``.
 
 Everything a user can get wrong is checked before any model is loaded (names, schedules, face
-photos), so a typo costs a second, not a model load, and no finished image is ever lost to a
-late error: images are written one by one, atomically, as soon as they exist.
+photos, the output location), so a typo costs a second, not a model load, and no finished image
+is ever lost to a late error: images are written one by one, atomically, as soon as they exist.
+No output replaces a file that exists (unless ``--overwrite``) nor, ever, an input of the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,14 @@ from typing import Any
 
 from PIL import Image
 
-from .atomic import atomic_path, write_text_atomic
+from .atomic import (
+    disk_full_as_error,
+    ensure_writable_dir,
+    flush_to_disk,
+    link_new,
+    same_file,
+    tmp_name,
+)
 from .downloads import Combination, check_available
 from .errors import ConfigError, InputError
 
@@ -41,7 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     gen.add_argument("--out", required=True, metavar="PATH",
-                     help="output directory (or a .png file name for a single image)")
+                     help="output directory (or a .png file name for a single image); images already there "
+                          "are kept, the new ones get new names")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace existing files of the same name at --out (an input of the command never is)")
     gen.add_argument("--pose", default=None, metavar="PHOTO",
                      help="instantid: take the face keypoints (the pose) from this photo instead of the first --face")
     gen.add_argument("--no-fuse", action="store_true",
@@ -81,9 +93,13 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, metavar="NAME",
                         help="sample --base-model (a checkpoint with the distillation merged in) like backbone NAME: "
                              "its scheduler, steps and CFG-free scale, no distillation weights (e.g. lightning-4)")
+    parser.add_argument("--scheduler", default=None,
+                        help="sample with another scheduler: dpm++2m-trailing (PuLID v1), dpm++2m-karras-k (PuLID v1.1)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="the backbone's stock CFG scale (methods without their own guidance, e.g. none)")
     parser.add_argument("--adapter-path", default=None, help="local adapter checkpoint instead of the hub's")
     parser.add_argument("--image-encoder", default=None,
-                        help="local CLIP image encoder (faceid-plusv2, plus-face)")
+                        help="local image encoder: CLIP folder (faceid-plusv2, plus-face), EVA02-CLIP file (pulid)")
     parser.add_argument("--controlnet-scale", type=float, default=None,
                         help="instantid: scale of the IdentityNet ControlNet's residuals (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -133,6 +149,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         rescale_on=args.rescale_on,
         face_backend=args.face_backend,
         base_model=args.base_model,
+        scheduler=getattr(args, "scheduler", None),
+        cfg_scale=getattr(args, "cfg_scale", None),
         adapter_path=args.adapter_path,
         image_encoder=args.image_encoder,
         sampler=getattr(args, "sampler", None),
@@ -214,10 +232,13 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any, **opt
     ``options`` (``select``, ``outlier_threshold``, ``reject_threshold``) go to ``build_identity``.
     """
     from .faces import build_identity, load_embedding
+    from .faces.io import check_regular_file
 
     for path in paths:
         if not Path(path).exists():
             raise InputError(f"face file '{path}' does not exist")
+        if not Path(path).is_dir():  # a folder of photos is read photo by photo
+            check_regular_file(Path(path), f"face file '{path}'")
     embeddings = [p for p in paths if Path(p).suffix.lower() in EMBEDDING_SUFFIXES]
     if embeddings:
         if len(paths) > 1:
@@ -255,15 +276,18 @@ def run_generate(args: argparse.Namespace) -> int:
     check_available(combination)
     warn_ineffective(args, resolved)
     out = Path(args.out)
-    single_file = out.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}
+    single_file = out.suffix.lower() in IMAGE_SUFFIXES
     total = len(config.prompts) * config.num_images
     if single_file and total > 1:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
+    inputs = input_paths(args)
+    check_output(out, single_file=single_file, overwrite=args.overwrite, inputs=inputs)
     identity = load_identity(args.face, args.face_backend, resolved["adapter"], select=args.select,
                              outlier_threshold=args.outlier_threshold, reject_threshold=args.reject_threshold)
     pipe = load_pipeline(config)
     result = pipe.generate(config, identity)
-    paths = write_images(result, out, single_file=single_file)
+    paths = write_images(result, out, single_file=single_file, overwrite=args.overwrite, protected=inputs,
+                         images_per_prompt=config.num_images)
     print(licence_line(result.metadata[0].get("licence", {})), file=sys.stderr)
     for path in paths:
         print(path)
@@ -348,22 +372,102 @@ def licence_line(licence: dict[str, Any]) -> str:
     return "licence: " + " | ".join(parts)
 
 
-def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str = "image") -> list[Path]:
-    """Write each image with a JSON sidecar of its metadata; atomic, never a half-written file."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(option, path) of every file the command reads, for the never-overwrite-an-input check."""
+    found: list[tuple[str, Path]] = []
+    for option, values in (("--face", getattr(args, "face", None) or []),
+                           ("--pose", [getattr(args, "pose", None)]),
+                           ("--lora", [parse_lora(item)[0] for item in getattr(args, "lora", None) or []]),
+                           ("--base-model", [getattr(args, "base_model", None)]),
+                           ("--adapter-path", [getattr(args, "adapter_path", None)]),
+                           ("--image-encoder", [getattr(args, "image_encoder", None)]),
+                           ("--vae", [getattr(args, "vae", None)])):
+        for value in values:
+            if value and os.path.lexists(value):
+                found.append((option, Path(value)))
+    return found
+
+
+def _input_at(target: Path, inputs: Sequence[tuple[str, Path]]) -> str | None:
+    for option, path in inputs:
+        if os.path.lexists(target) and same_file(target, path):
+            return option
+    return None
+
+
+def check_output(out: Path, *, single_file: bool, overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """Refuse, before any model loads, an output that cannot be written or would replace a file."""
+    if not single_file:
+        ensure_writable_dir(out, "--out", create=False)
+        return
+    for target in (out, out.with_suffix(".json")):  # the image and its metadata sidecar
+        option = _input_at(target, inputs)
+        if option is not None:
+            raise InputError(f"--out {out} would replace {target}, which is the {option} input of this command; "
+                             "choose another output name")
+        if target.is_dir():
+            raise InputError(f"--out {out} would replace the folder {target}; choose another output name")
+        if os.path.lexists(target) and not overwrite:
+            raise InputError(f"--out {out} would replace the existing file {target}; choose another name, "
+                             "or pass --overwrite to replace it")
+    above = next((parent for parent in out.parents if os.path.lexists(parent)), Path("."))
+    if not above.is_dir():
+        raise InputError(f"--out {out} is under a file, not a folder: {above} is a file")
+    ensure_writable_dir(out.parent, "--out folder", create=False)
+
+
+def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str = "image", overwrite: bool = False,
+                 protected: Sequence[tuple[str, Path]] = (), images_per_prompt: int = 1) -> list[Path]:
+    """Write each image with a JSON sidecar of its metadata; atomic, never a half-written file.
+
+    In a folder, image i of prompt p with seed s is ``{stem}_p{p:02d}_seed{s}.png``; when that name
+    (or its sidecar's) is taken, ``_2``, ``_3``... is added, so earlier images are kept, unless
+    ``overwrite``. A file in ``protected`` (the command's inputs) is never replaced. Image and
+    sidecar are both written in full before either gets its name, so a full disk leaves neither.
+    """
     written: list[Path] = []
-    if single_file:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        targets = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        targets = []
-        for index, meta in enumerate(result.metadata):
-            name = f"{stem}_{index:03d}_seed{meta.get('seed', index)}.png"
-            targets.append(out / name)
-    for image, meta, target in zip(result.images, result.metadata, targets):
-        with atomic_path(target) as tmp:
-            image.save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
-        write_text_atomic(target.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
+    folder = out.parent if single_file else out
+    with disk_full_as_error(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    for position, (image, meta) in enumerate(zip(result.images, result.metadata)):
+        index = int(meta.get("index", position))
+        if single_file:
+            candidates: Any = [out]
+        else:
+            base = f"{stem}_p{index // max(1, images_per_prompt):02d}_seed{meta.get('seed', index)}"
+            candidates = (out / (base + (f"_{n}" if n > 1 else "") + ".png") for n in range(1, 1_000_000))
+        suffix = out.suffix.lower() if single_file else ".png"
+        tmp_image = tmp_name(folder / f"{stem}-{index}{suffix}")
+        tmp_meta = tmp_name(folder / f"{stem}-{index}.json")
+        try:
+            with disk_full_as_error(folder / f"{stem}-{index}{suffix}"):
+                image.save(tmp_image, format=Image.registered_extensions().get(suffix, "PNG"))
+                flush_to_disk(tmp_image)
+                tmp_meta.write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+                flush_to_disk(tmp_meta)
+            for target in candidates:
+                sidecar = target.with_suffix(".json")
+                if any(_input_at(path, protected) for path in (target, sidecar)):
+                    continue
+                if overwrite:
+                    os.replace(tmp_image, target)
+                    os.replace(tmp_meta, sidecar)
+                    break
+                if os.path.lexists(target) or os.path.lexists(sidecar) or not link_new(tmp_image, target):
+                    continue  # taken (perhaps by another writer a moment ago)
+                if not link_new(tmp_meta, sidecar):
+                    target.unlink(missing_ok=True)
+                    continue
+                break
+            else:
+                raise InputError(f"--out {out}: no free file name for image {index}; nothing was replaced "
+                                 "(pass --overwrite to replace, or choose another output)")
+        finally:
+            tmp_image.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
         written.append(target)
     return written
 

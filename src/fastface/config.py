@@ -281,6 +281,8 @@ class GenerationConfig:
     face_backend: str | None = None
     base_model: str | None = None
     sampler: str | None = None
+    scheduler: str | None = None  # backbones.SCHEDULERS name: an adapter's own sampler (PuLID)
+    cfg_scale: float | None = None  # the backbone's stock CFG scale, replaced
     adapter_path: str | None = None
     image_encoder: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
@@ -322,13 +324,14 @@ class GenerationConfig:
         """Check every name and number; no model loads. Raises ConfigError/InputError (one line)."""
         from .adapters import spec_for_backbone
         from .attention import AttentionManipulation
-        from .backbones import backbone_spec
+        from .backbones import backbone_spec, with_scheduler
         from .guidance import plan_steps
         from .presets import get_method
 
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a Limits, got {type(self.limits).__name__}")
-        backbone = backbone_spec(self.backbone, self.sampler, self.base_model)
+        backbone = with_scheduler(backbone_spec(self.backbone, self.sampler, self.base_model), self.scheduler,
+                                  self.cfg_scale)
         adapter = spec_for_backbone(self.adapter, backbone.name) if self.adapter is not None else None
         method = get_method(self.method)
         if self.prompts:
@@ -381,6 +384,8 @@ class GenerationConfig:
             "adapter": self.adapter,
             "base_model": self.base_model,
             "sampler": self.sampler,
+            "scheduler": self.scheduler,
+            "cfg_scale": self.cfg_scale,
             "adapter_path": self.adapter_path,
             "image_encoder": self.image_encoder,
             "loras": list(self.loras),

@@ -233,7 +233,8 @@ def probe_generation_models() -> dict[str, Any]:
         if getattr(spec, "repo", None) == "tiny":
             continue  # the tiny test adapters ship with FastFace (see "tiny_models")
         # Every file the adapter declares (spec.required_files(): checkpoint, image encoder, extras such
-        # as InstantID's ControlNet), each present or missing, and the one command fetching the rest.
+        # as InstantID's ControlNet or PuLID's face parsing weights, a URL file looked for beside the
+        # checkpoint), each present or missing, and the one command fetching the rest.
         combo = Combination(backbone=None, adapter=name)
         entry = _check(required_files(combo), combo.command())
         if getattr(spec, "face_backend", None):

@@ -49,6 +49,13 @@ class RequiredFile:
     filename: str
     size: int | None  # bytes, where a public record is kept in FastFace; else None (asked at download)
     role: str  # what it is for, in words ("hyper-4 distillation LoRA")
+    # A file hosted at a URL (``repo`` is the URL's folder) lies beside this (repo, filename) hub
+    # file, where its adapter looks for it (PuLID's face parsing weights beside its checkpoint).
+    beside: tuple[str, str] | None = None
+
+    @property
+    def is_url(self) -> bool:
+        return self.repo.startswith(("https://", "http://"))
 
     @property
     def is_pattern(self) -> bool:
@@ -165,7 +172,12 @@ def _adapter_files(adapter: Any, combination: Combination) -> list[RequiredFile]
             if (role == "adapter" and combination.adapter_path) or (role == "image encoder" and combination.image_encoder):
                 continue  # replaced by a local path
             names = [need.filename] if need.filename else list(getattr(need, "patterns", ()) or ())
-            items += [RequiredFile(need.repo, name, None, f"{adapter.name} {role}") for name in names]
+            beside = None
+            if need.repo.startswith(("https://", "http://")):
+                if combination.adapter_path:
+                    continue  # looked for beside the local checkpoint: nothing to fetch from the hub
+                beside = (adapter.repo, adapter.weight_name)
+            items += [RequiredFile(need.repo, name, None, f"{adapter.name} {role}", beside) for name in names]
         return items
     items = []
     if combination.adapter_path is None and getattr(adapter, "repo", None) and getattr(adapter, "weight_name", None):
@@ -198,6 +210,10 @@ def cached_path(item: RequiredFile) -> str | None:
     """The local copy of ``item`` in the Hugging Face cache, or None; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
+    if item.is_url:
+        anchor = cached_path(RequiredFile(*item.beside, None, item.role)) if item.beside else None
+        found = Path(anchor).parent / item.filename if anchor else None
+        return str(found) if found is not None and found.is_file() else None
     if item.is_pattern:
         from fnmatch import fnmatch
 
@@ -268,7 +284,7 @@ def hub_sizes(items: Sequence[RequiredFile]) -> dict[tuple[str, str], int | None
 
     api = HfApi()
     sizes: dict[tuple[str, str], int | None] = {}
-    for repo in dict.fromkeys(item.repo for item in items):
+    for repo in dict.fromkeys(item.repo for item in items if not item.is_url):
         names = [item.filename for item in items if item.repo == repo and not item.is_pattern]
         try:
             infos = api.get_paths_info(repo, names)
@@ -288,7 +304,9 @@ def fetch(items: Sequence[RequiredFile], *, out: Any = sys.stderr) -> list[Path]
         out.write(f"[{index}/{len(items)}] {item.repo}/{item.filename} ({human_size(item.size)})\n")
         out.flush()
         try:
-            if item.is_pattern:
+            if item.is_url:
+                paths.append(_fetch_url(item))
+            elif item.is_pattern:
                 from huggingface_hub import snapshot_download
 
                 paths.append(Path(snapshot_download(item.repo, allow_patterns=[item.filename])))
@@ -298,6 +316,21 @@ def fetch(items: Sequence[RequiredFile], *, out: Any = sys.stderr) -> list[Path]
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise MissingWeightsError(f"could not download {item.filename} from {item.repo} ({first})") from exc
     return paths
+
+
+def _fetch_url(item: RequiredFile) -> Path:
+    """A URL-hosted file, downloaded beside its hub anchor file (fetched before it) in the cache."""
+    import urllib.request
+
+    from .atomic import atomic_path
+
+    anchor = cached_path(RequiredFile(*item.beside, None, item.role)) if item.beside else None
+    if anchor is None:
+        raise MissingWeightsError(f"{item.filename}: {item.beside} must be fetched first (it is stored beside it)")
+    target = Path(anchor).parent / item.filename
+    with urllib.request.urlopen(f"{item.repo}/{item.filename}", timeout=60) as response, atomic_path(target) as tmp:
+        Path(tmp).write_bytes(response.read())
+    return target
 
 
 # --------------------------------------------------------------------------- CLI
@@ -369,7 +402,8 @@ def run_download(args: argparse.Namespace) -> int:
     if local_only():
         raise MissingWeightsError(f"cannot fetch {len(missing)} file(s): {offline_reason()}")
     sizes = hub_sizes(missing)
-    missing = [RequiredFile(i.repo, i.filename, sizes.get((i.repo, i.filename), i.size), i.role) for i in missing]
+    missing = [RequiredFile(i.repo, i.filename, sizes.get((i.repo, i.filename), i.size), i.role, i.beside)
+               for i in missing]
     total = sum(item.size or 0 for item in missing)
     print(f"fetching {len(missing)} file(s), {human_size(total)}", file=sys.stderr)
     fetch(missing)

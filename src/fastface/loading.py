@@ -25,6 +25,7 @@ from .backbones import (
     make_scheduler,
     resolve_vae,
     vae_scale_factor,
+    with_scheduler,
 )
 from .config import check_device, check_dtype
 from .downloads import Combination, check_available
@@ -73,6 +74,8 @@ class LoadingMixin:
         vae_tiling: bool = False,
         cpu_offload: bool = False,
         sampler: str | None = None,
+        scheduler: str | None = None,
+        cfg_scale: float | None = None,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
 
@@ -90,9 +93,10 @@ class LoadingMixin:
 
         ``sampler`` (e.g. ``"lightning-4"``) samples ``base_model``, a checkpoint with the distillation
         merged in, with that backbone's scheduler, steps and CFG-free scale, loading no distillation
-        weights (see :func:`fastface.backbones.sampler_spec`).
+        weights (see :func:`fastface.backbones.sampler_spec`). ``scheduler``/``cfg_scale``: another
+        sampler and stock CFG scale (:func:`fastface.backbones.with_scheduler`, e.g. PuLID's recipe).
         """
-        spec = backbone_spec(backbone, sampler, base_model)
+        spec = with_scheduler(backbone_spec(backbone, sampler, base_model), scheduler, cfg_scale)
         if adapter is not None:
             from .adapters import get_adapter
 

@@ -433,7 +433,7 @@ def _set_up(
         identity=None if conditioning is None else conditioning.cond.to(device, dtype),
         null_identity=None if conditioning is None else conditioning.null.to(device, dtype),
     )
-    attention_kwargs = [_attention_kwargs(pipe, step, request) for step in inputs]
+    attention_kwargs = [_attention_kwargs(pipe, step, request, conditioning) for step in inputs]
     run = _Run(
         scheduler, latents, timesteps, timesteps_host, inputs, attention_kwargs,
         sampling.step_kwargs(scheduler, pipe.backbone, generators),
@@ -445,12 +445,14 @@ def _set_up(
         pipe.sdxl.maybe_free_model_hooks()
     return run
 
-def _attention_kwargs(pipe: FastFacePipeline, step: StepInputs, request: _Request) -> dict[str, Any] | None:
+def _attention_kwargs(
+    pipe: FastFacePipeline, step: StepInputs, request: _Request, conditioning: IdentityConditioning | None
+) -> dict[str, Any] | None:
     if pipe.adapter is None or step.identity_tokens is None:
         return None
     return pipe.adapter.attention_kwargs(
         step.identity_tokens, scale=request.ip_scale, step=step.plan.step, attention=request.attention,
-        am_kernel=pipe._am_kernel,
+        am_kernel=pipe._am_kernel, conditioning=conditioning,
     )
 
 

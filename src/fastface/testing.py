@@ -32,6 +32,17 @@ from .tiny_adapters import (
     PORTRAIT_FILE,
     PORTRAIT_UNNORM_FILE,
 )
+from .tiny_pulid import (
+    EVA_CLIP_FILE,
+    PARSING_FILE,
+    PULID_V1_FILE,
+    PULID_V11_FILE,
+    TINY_ANTELOPE_DIM,
+    TINY_BISENET,
+    TINY_EVA,
+    build_tiny_pulid,
+    tiny_pulid_dir,
+)
 
 __all__ = [
     "CONTROLNET_DIR",
@@ -40,6 +51,15 @@ __all__ = [
     "PLUS_FACE_FILE",
     "PORTRAIT_FILE",
     "PORTRAIT_UNNORM_FILE",
+    "EVA_CLIP_FILE",
+    "PARSING_FILE",
+    "PULID_V1_FILE",
+    "PULID_V11_FILE",
+    "TINY_ANTELOPE_DIM",
+    "TINY_BISENET",
+    "TINY_EVA",
+    "build_tiny_pulid",
+    "tiny_pulid_dir",
     "CLIP_MEAN",
     "CLIP_STD",
     "DISTILL_LORA_FILE",

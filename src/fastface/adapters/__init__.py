@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffusers import StableDiffusionXLPipeline
 
 # One module per adapter family, each with a SPECS tuple; the registry is their union, in this order.
-_ADAPTER_MODULES = ("faceid", "plus_face", "portrait", "instantid")
+_ADAPTER_MODULES = ("faceid", "plus_face", "portrait", "instantid", "pulid")
 
 
 def _registry() -> Mapping[str, AdapterSpec]:

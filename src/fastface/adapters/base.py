@@ -255,8 +255,13 @@ class IdentityAdapter(ABC):
         step: int,
         attention: Any,
         am_kernel: Any = None,
+        conditioning: IdentityConditioning | None = None,
     ) -> dict[str, Any]:
-        """``cross_attention_kwargs`` of one batched UNet call: per-row identity tokens (B, S, C)."""
+        """``cross_attention_kwargs`` of one batched UNet call: per-row identity tokens (B, S, C).
+
+        ``conditioning`` is the call's encoded identity (its ``extras`` may carry per-call settings
+        of the adapter's processors, e.g. PuLID's zero-token count).
+        """
         from ..processors import CONTEXT_KEY, IPContext
 
         context = IPContext(

@@ -123,8 +123,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                        command=["fastface", *sys.argv[1:]], progress=not args.no_progress,
                        cpu_offload=args.cpu_offload)
     where = "" if summary.world == 1 else f" (rank {summary.rank} of {summary.world}: {summary.assigned} samples)"
+    if summary.repaired:
+        from .run import damaged_line
+
+        print(f"warning: regenerated {damaged_line(summary.run_dir, summary.repaired)}", file=sys.stderr)
     print(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done, "
-          f"{summary.total} in the grid{where}; {summary.seconds:.1f} s")
+          f"{len(summary.repaired)} repaired, {summary.total} in the grid{where}; {summary.seconds:.1f} s")
     return 0
 
 
@@ -163,6 +167,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         ok = [v for v in values if v is not None]
         mean = f"{sum(ok) / len(ok):.4g}" if ok else "–"
         print(f"  {key}: mean {mean} over {len(ok)}/{len(values)} images")
+    if result.get("damaged"):
+        from .run import REPAIR_HINT, damaged_line
+
+        raise InputError(f"not scored: {damaged_line(Path(args.run_dir), result['damaged'])}; {REPAIR_HINT}, "
+                         "then score again")
     return _quality_verdict(result["metrics"], allow_partial=args.allow_partial)
 
 
@@ -187,8 +196,10 @@ def _quality_verdict(metrics: dict, *, allow_partial: bool) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from ..atomic import ensure_writable_dir
     from .report import build_report
 
+    ensure_writable_dir(args.out, "--out")
     paths = build_report(args.runs, args.out, seed=args.seed)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -110,7 +110,14 @@ def check_embeddings(embeddings: Any, what: str) -> np.ndarray:
         raise InputError(f"{what} is not an array of numbers") from None
     if raw.dtype.kind not in "fiu" or raw.ndim not in (1, 2) or 0 in raw.shape:
         raise InputError(f"{what} holds a {raw.dtype} array of shape {tuple(raw.shape)}; expected float (D,) or (n, D)")
-    arr = raw.astype(np.float32)
-    if not np.isfinite(arr).all() or (np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1) == 0).any():
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = raw.astype(np.float32)
+        norms = np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1)
+    if not np.isfinite(raw.astype(np.float64)).all() or (norms == 0).any():
         raise InputError(f"{what} holds a zero, NaN or infinite embedding")
+    if not (np.isfinite(norms).all() and np.isfinite(arr).all()):
+        # Values near float32's limit (3.4e38) overflow the norm: normalising would leave an
+        # all-zero identity, silently, instead of an error.
+        largest = float(np.abs(raw.astype(np.float64)).max())
+        raise InputError(f"{what} has values too large for float32 (largest |value| {largest:.3g}; its norm overflows)")
     return arr
