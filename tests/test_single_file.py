@@ -46,7 +46,7 @@ def test_single_file_with_a_sampler_from_the_cli(single_file, tmp_path):
                            "--backbone", "tiny", "--base-model", str(single_file), "--sampler", "lightning-4",
                            "--out", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    meta = json.loads((tmp_path / "out" / "image_000_seed0.json").read_text())
+    meta = json.loads((tmp_path / "out" / "image_p00_seed0.json").read_text())
     assert meta["backbone_config"]["sampler"] == "lightning-4"
     assert meta["backbone_config"]["scheduler"] == "EulerDiscreteScheduler"
 
