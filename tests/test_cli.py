@@ -158,7 +158,8 @@ def test_demo_writes_contact_sheet(cli_env, tmp_path):
     methods = {row["method"] for row in summary["images"]}
     assert methods == {"fastface", "fastface-softmask", "dcg", "am", "none"}
     assert {row["adapter"] for row in summary["images"]} == {
-        "faceid", "faceid-plusv2", "plus-face", "faceid-portrait", "faceid-portrait-unnorm", "instantid"}
+        "faceid", "faceid-plusv2", "plus-face", "faceid-portrait", "faceid-portrait-unnorm", "instantid",
+        "pulid", "pulid-v1.1"}
     for row in summary["images"]:
         assert (out / row["path"]).is_file()
     sheet = Image.open(out / "contact_sheet.png")

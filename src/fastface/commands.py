@@ -259,8 +259,8 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any, **opt
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    # Names first, then the face files, then the numbers, then everything the combination lacks (one
-    # error naming one command), all before torch even loads.
+    # Names first, then the face files, the numbers and the output, then everything the combination
+    # lacks (one error naming one command), all before torch even loads.
     combination = generation_combination(args)
     for path in args.face:
         if not Path(path).exists():
@@ -273,8 +273,6 @@ def run_generate(args: argparse.Namespace) -> int:
         load_identity(args.face, args.face_backend, adapter)  # a wrong embedding file is the first thing to fix
     config = config_from_args(args)
     resolved = resolve_config(args)
-    check_available(combination)
-    warn_ineffective(args, resolved)
     out = Path(args.out)
     single_file = out.suffix.lower() in IMAGE_SUFFIXES
     total = len(config.prompts) * config.num_images
@@ -282,6 +280,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
     inputs = input_paths(args)
     check_output(out, single_file=single_file, overwrite=args.overwrite, inputs=inputs)
+    check_available(combination)
+    warn_ineffective(args, resolved)
     identity = load_identity(args.face, args.face_backend, resolved["adapter"], select=args.select,
                              outlier_threshold=args.outlier_threshold, reject_threshold=args.reject_threshold)
     pipe = load_pipeline(config)
