@@ -169,3 +169,27 @@ def test_adapter_files_come_from_the_adapter_seam_when_it_declares_them(tmp_path
     _fake_hub_cache(tmp_path / "hub", "InstantX/InstantID", {"ControlNetModel/config.json": b"{}"})
     laid = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert laid.stdout.strip().endswith("snapshots/" + "0" * 40), laid.stderr
+
+
+def test_url_hosted_adapter_files_lie_beside_the_cached_checkpoint(tmp_path):
+    """PuLID's face parsing weights come from a URL, not the hub: listed by the seam, looked for (and
+    fetched to) beside the adapter checkpoint, where the adapter reads them."""
+    from fastface.adapters import ADAPTERS
+    from fastface.adapters.pulid import PARSING_FILE, PARSING_RELEASE
+
+    spec = ADAPTERS["pulid"]
+    items = required_files(Combination(None, "pulid"))
+    url = [i for i in items if i.is_url]
+    assert [(i.repo, i.filename, i.beside) for i in url] == [(PARSING_RELEASE, PARSING_FILE,
+                                                              (spec.repo, spec.weight_name))]
+    assert not [i for i in required_files(Combination(None, "pulid", adapter_path="mine.bin")) if i.is_url]
+    code = ("from fastface.downloads import Combination, cached_path, required_files\n"
+            "print([cached_path(i) for i in required_files(Combination(None, 'pulid')) if i.is_url][0])")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    _fake_hub_cache(tmp_path / "hub", spec.repo, {spec.weight_name: b"x"})
+    alone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert alone.stdout.strip() == "None", alone.stderr  # checkpoint cached, parsing weights not beside it
+    snapshot = next((tmp_path / "hub").glob(f"models--*/snapshots/{'0' * 40}"))
+    (snapshot / PARSING_FILE).write_bytes(b"y")  # where `fastface download pulid` puts it
+    beside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert beside.stdout.strip().endswith(f"snapshots/{'0' * 40}/{PARSING_FILE}"), beside.stderr
