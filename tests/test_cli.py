@@ -135,7 +135,10 @@ def test_missing_weights_offline(cli_env, tmp_path):
     proc = fastface(env, "generate", "--face", str(embedding), "--prompt", "x", "--backbone", "hyper-4",
                     "--device", "cpu", "--out", str(tmp_path / "o"))
     assert_user_error(proc, "offline")
-    assert "stabilityai/stable-diffusion-xl-base-1.0" in proc.stderr or "Hyper-SD" in proc.stderr
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in proc.stderr and "ByteDance/Hyper-SD" in proc.stderr
+    # One command fetches every missing piece of the combination (float32 weights for a CPU run).
+    assert "with: fastface download hyper-4 faceid --precision fp32; or pass --base-model <local" in proc.stderr
+    assert "base_model=" not in proc.stderr  # CLI terms
 
 
 def test_missing_face_file_and_bad_flag(cli_env, tmp_path):

@@ -70,6 +70,8 @@ def test_default_faces_and_pulid_extras_resolve_to_wheels_only(tmp_path):
     ]
     assert not not_wheels, f"resolved to source distributions: {not_wheels}"
     assert "insightface" not in names
+    # Our own distribution name: "fastface" on the index is an unrelated project.
+    assert "fastface-id" in names and "fastface" not in names
     # PuLID's research stack stays out of [pulid]
     assert not names & {"torchvision", "timm", "basicsr", "facexlib", "einops", "torchsde"}, names
 

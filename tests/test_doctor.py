@@ -60,6 +60,16 @@ def test_doctor_json_reports_what_is_here(laid_out):
     assert "tiny" not in gen["backbones"]
     assert gen["backbones"]["hyper-4"]["status"] == "missing"
     assert any(line.startswith("adapter faceid-plusv2:") for line in report["missing"])
+    # Every missing piece names the one `fastface download` command the generation errors name too.
+    assert gen["backbones"]["hyper-4"]["how"] == "fastface download hyper-4"
+    assert gen["adapters"]["faceid-plusv2"]["how"] == "fastface download faceid-plusv2"
+    assert "fastface download --face-pack antelopev2" in faces["antelopev2"]["how"]
+    # Scoring models, VAE options and the tiny models are covered as well.
+    assert set(gen["scoring"]) == {"CLIP (text alignment, aesthetic features)", "LAION aesthetic head", "ImageReward"}
+    assert all(entry["how"] == "fastface download --eval" for entry in gen["scoring"].values())
+    assert gen["vaes"]["fp16-fix"]["how"] == "fastface download --vae fp16-fix" and "tiny" in gen["vaes"]
+    assert report["tiny_models"]["status"] in ("ready", "missing") and "tiny-sdxl" in report["tiny_models"]["location"]
+    assert report["default_combination"] == "fastface download hyper-4 faceid --face-pack buffalo_l"
     assert not any(line.startswith("adapter faceid:") for line in report["missing"])
     torch = pytest.importorskip("torch")
     assert report["torch"]["version"] == torch.__version__

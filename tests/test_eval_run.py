@@ -3,6 +3,7 @@ resumed, refused on a changed option, split over two processes by `accelerate la
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import fastface
 from eval_helpers import fastface_cli
 from fastface.evaluation.dataset import write_smoke_dataset
 
@@ -54,6 +56,11 @@ def test_straight_run_layout(straight, smoke):
     assert "eval run" in manifest["command"] and "--backbone tiny" in manifest["canonical_command"]
     reproduce = (straight / "REPRODUCE.md").read_text()
     assert manifest["canonical_command"] in reproduce and manifest["dataset"]["fingerprint"] in reproduce
+    # The commit of this checkout, never a release of the unrelated "fastface" on the package index.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(fastface.__file__).parent).stdout.strip()
+    assert commit and commit in reproduce and manifest["versions"]["fastface_commit"].startswith(commit)
+    assert "pip install fastface" not in reproduce and "fastface==" not in reproduce
     record = json.loads(records[0].read_text())
     assert record["unet_evaluations"] == 10  # tiny backbone: 4 steps of the fastface branch plan
     assert record["wall_ms"] > 0 and record["peak_memory_mb"] > 0 and record["seed"] >= 0
@@ -188,6 +195,23 @@ def test_run_score_report_end_to_end(straight, smoke, tmp_path):
     assert "unavailable" in page and "id.arcface" in page
     csv_text = (out / "report.csv").read_text()
     assert "id.dlib" in csv_text and "unavailable" in csv_text
+    # Each reason once (not once per split and row); grids carry the prompt text, not its id.
+    reason = metrics["id.arcface"]["reason"]
+    assert page.count(html.escape(reason)) == 1
+    same_reason = [key for key, status in metrics.items() if status["reason"] == reason]
+    assert csv_text.count(reason.split(";")[0]) == len(same_reason)  # one row per metric, not per split
+    # The reference run, scored too, is compared side by side and does not miss a reference itself.
+    ref_scored = fastface_cli("eval", "score", "--run-dir", str(reference), "--metrics", "clip,disruption,cost",
+                              "--clip-model", str(clip), "--no-progress")
+    assert ref_scored.returncode == 0, ref_scored.stderr[-2000:]
+    assert "no reference run" not in ref_scored.stdout and "clip_i" not in ref_scored.stdout
+    both = tmp_path / "both"
+    rep = fastface_cli("eval", "report", str(straight), str(reference), "--out", str(both))
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    page = (both / "index.html").read_text()
+    assert "side_by_side.png" in re.findall(r"<img src='([^']+)'", page)
+    assert json.loads((both / "report.json").read_text())["side_by_side"] == "side_by_side.png"
+    assert "no reference run" not in page
 
 
 def test_scoring_split_over_two_processes_equals_one(straight, tmp_path):
@@ -217,6 +241,24 @@ def test_scoring_split_over_two_processes_equals_one(straight, tmp_path):
     assert len(one["samples"]) == N_SAMPLES and one["samples"] == two["samples"]
     assert one["metrics"] == two["metrics"]
     assert _temporaries(runs["two"]) == []
+
+
+def test_score_without_any_quality_metric_fails_unless_partial_is_allowed(straight, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns("scores", "scores.*"))
+    options = ["eval", "score", "--run-dir", str(run), "--metrics", "identity,aesthetic,image-reward",
+               "--face-backends", "dlib", "--aesthetic-head", str(tmp_path / "absent.pth"), "--no-progress"]
+    strict = fastface_cli(*options)
+    assert strict.returncode == 2
+    error = [line for line in strict.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "NO QUALITY METRIC could be scored (image_reward, aesthetic)" in error[0]
+    assert "fastface download --eval" in error[0] and "--allow-partial" in error[0]
+    assert (run / "scores.json").is_file()  # the partial scores are kept
+    partial = fastface_cli(*options, "--allow-partial")
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert "warning: NO QUALITY METRIC could be scored" in partial.stderr
 
 
 # --- a run counts only what it verified; one writer per folder; a full disk ---------------------

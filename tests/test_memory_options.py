@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastface.errors import ConfigError, InputError, MissingWeightsError
+from fastface.messages import to_cli
 from fastface.pipeline import FastFacePipeline, replace_vae
 
 
@@ -69,7 +70,10 @@ def test_local_tiny_autoencoder_replaces_the_decoder_only(default_pipe, tiny_vae
 def test_named_vae_offline_names_the_repository(tiny_dir, name, repo):
     with pytest.raises(MissingWeightsError, match=repo) as info:
         FastFacePipeline.from_pretrained("tiny", "faceid", device="cpu", vae=name)
-    assert "--vae PATH" in str(info.value) and len(str(info.value).splitlines()) == 1
+    message = str(info.value)
+    assert f"fastface download --vae {name}" in message and len(message.splitlines()) == 1
+    assert "or pass vae=<local diffusers VAE folder>" in message  # the CLI shows: --vae <local ...>
+    assert "or pass --vae <local diffusers VAE folder>" in to_cli(message)
 
 
 def test_unusable_vae_choices(tiny_dir, tmp_path, default_pipe):
@@ -118,7 +122,7 @@ def test_tiled_tiny_decode_with_small_tiles(tiny_dir, tiny_vae_dir, tiny_vae_pip
 
 
 def test_cpu_offload_needs_cuda(tiny_dir):
-    with pytest.raises(ConfigError, match="cpu_offload needs a CUDA device"):
+    with pytest.raises(ConfigError, match="cpu_offload=True needs a CUDA device"):
         FastFacePipeline.from_pretrained("tiny", "faceid", device="cpu", cpu_offload=True)
 
 

@@ -19,6 +19,7 @@ _LAZY = {
     "manipulated_ip_attention": "fastface.attention",
     "Identity": "fastface.faces.types",
     "FastFaceError": "fastface.errors",
+    "bundled_portrait": "fastface.commands",
     "GenerationConfig": "fastface.config",
     "Limits": "fastface.config",
 }
@@ -33,12 +34,14 @@ __all__ = [
     "GuidanceConfig",
     "Identity",
     "Limits",
+    "bundled_portrait",
     "decoupled_guidance",
     "manipulated_ip_attention",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import AttentionManipulation, manipulated_ip_attention
+    from .commands import bundled_portrait
     from .config import GenerationConfig, Limits
     from .errors import FastFaceError
     from .faces.types import Identity

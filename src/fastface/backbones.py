@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, InputError, MissingWeightsError
-from .hub import resolve_file, resolve_folder
+from .hub import check_weights_file, read_weights, resolve_file, resolve_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -55,6 +55,7 @@ class BackboneSpec:
     timesteps: tuple[int, ...] | None = None  # custom timesteps (DMD2)
     step_kwargs: Mapping[str, Any] = field(default_factory=_frozen)  # extra scheduler.step kwargs
     description: str = ""
+    sampler: str | None = None  # a sampler setting over a checkpoint with the distillation baked in
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class BackboneSpec:
             "resolution": self.resolution,
             "cfg_scale": self.cfg_scale,
             "licence": list(self.licence),
+            "sampler": self.sampler,
         }
 
 
@@ -192,6 +194,46 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
+# Backbones whose sampling (scheduler, steps, CFG-free scale) is a named sampler setting.
+SAMPLERS: tuple[str, ...] = tuple(name for name in BACKBONES if name not in ("sdxl", TINY))
+CUSTOM = "custom"
+
+
+def sampler_spec(sampler: str, over: BackboneSpec | str = "sdxl") -> BackboneSpec:
+    """Sampler setting ``sampler`` (a distilled backbone's scheduler, steps, resolution and CFG-free
+    scale) over the base of ``over``, with *no* distillation weights: for community checkpoints with
+    the distillation merged in (``--base-model merge.safetensors --sampler lightning-4``).
+
+    The spec keeps the name ``tiny`` over the tiny model (its adapters stay the tiny ones); otherwise
+    it is called ``custom``. Its licence is the base's plus a reminder that the checkpoint's own
+    terms apply.
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    setting = BACKBONES[sampler]
+    base = get_backbone(over) if isinstance(over, str) else over
+    name = TINY if base.name == TINY else CUSTOM
+    licence = base.licence if name == TINY else ("see the licence of your checkpoint (its base: SDXL, "
+                                                 f"{SDXL_LICENCE})",)
+    return replace(setting, name=name, base=base.base, lora=None, unet=None, licence=licence, sampler=sampler,
+                   resolution=base.resolution if name == TINY else setting.resolution,
+                   description=f"{'tiny model' if name == TINY else 'your checkpoint'} sampled like {sampler} "
+                   f"({setting.scheduler}, {setting.steps} steps, CFG {setting.cfg_scale}); no distillation "
+                   "weights loaded")
+
+
+def backbone_spec(backbone: str, sampler: str | None = None, base_model: Any = None) -> BackboneSpec:
+    """The registered backbone, or with ``sampler`` the sampler setting over a given checkpoint."""
+    spec = get_backbone(backbone)
+    if sampler is None:
+        return spec
+    if base_model is None and spec.name != TINY:
+        raise ConfigError(f"sampler={sampler} samples a checkpoint that has the distillation baked in; give "
+                          "it with base_model=<.safetensors file or diffusers folder> (the stock SDXL base "
+                          f"needs the backbone instead: backbone={sampler})")
+    return sampler_spec(sampler, spec)
+
+
 # Samplers an adapter's authors use instead of the backbone's own (``with_scheduler``): name ->
 # (scheduler class in diffusers or fastface.schedulers, its options).
 SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
@@ -243,23 +285,32 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def _base_folder(repo: str, dtype: torch.dtype) -> tuple[Path, str | None]:
+def _base_folder(repo: str, dtype: torch.dtype, command: str = "fastface download hyper-4") -> tuple[Path, str | None]:
     """Local folder of a diffusers pipeline and the weight variant to read from it."""
     half = _half(dtype)
     local = Path(repo).expanduser()
     if local.is_dir():
-        variant = "fp16" if half and any(local.glob("unet/*.fp16.safetensors")) else None
-        return local, variant
-    # Only the files of one precision: the hub repositories hold several copies of every model.
-    patterns = ["*.json", "*.txt", "*model.fp16.safetensors" if half else "*model.safetensors"]
-    folder = resolve_folder(
-        repo,
-        what="base model",
-        hint=f"download '{repo}' on a connected machine (huggingface-cli download {repo}) "
-        "or pass base_model=<local diffusers folder or .safetensors file>",
-        allow_patterns=patterns,
-    )
-    variant = "fp16" if half and any(folder.glob("unet/*.fp16.safetensors")) else None
+        folder = local
+    else:
+        from .downloads import cached_path, pipeline_files
+        from .hub import local_only
+
+        # Only the files of one precision: the hub repositories hold several copies of every model.
+        # Offline, whichever precision is complete in the cache will do (float16 is upcast on a CPU).
+        precisions = ["fp16", "fp32"] if half else ["fp32", "fp16"]
+        if local_only():
+            complete = [p for p in precisions if all(cached_path(f) for f in pipeline_files(repo, p))]
+            precisions = complete or precisions
+        folder = resolve_folder(
+            repo,
+            what="base model",
+            hint=f"fetch it with `{command}` on a connected machine, or pass base_model=<local diffusers folder "
+            "or .safetensors file>",
+            allow_patterns=[f.filename for f in pipeline_files(repo, precisions[0])],
+        )
+    has_fp16 = any(folder.glob("unet/*.fp16.safetensors"))
+    has_full = (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    variant = "fp16" if has_fp16 and (half or not has_full) else None
     return folder, variant
 
 
@@ -273,43 +324,51 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _from_single_file(path: Path, spec: BackboneSpec, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    import tempfile
+
     from diffusers import StableDiffusionXLPipeline
 
-    # from_single_file needs the diffusers configs of the architecture; take them from the
-    # backbone's own base folder (local tiny model or the hub cache) so it works offline.
-    config = _tiny_path() if spec.base == TINY else _config_folder(spec.base)
-    try:
-        return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), **_dtype_kwarg(dtype))
-    except Exception as exc:  # diffusers raises many kinds for a file it cannot map to SDXL
-        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise InputError(f"base model: could not read '{path}' as a single-file SDXL checkpoint ({first_line})") from exc
+    from .single_file import ambiguous_text_encoders, load_text_encoder_2
+
+    check_weights_file(path, what="base model")
+    with tempfile.TemporaryDirectory(prefix="fastface-sdxl-config-") as scratch:
+        # from_single_file needs the diffusers configuration of the architecture: the tiny model's own
+        # folder, or the SDXL configs shipped with FastFace plus the cached tokenizers (no network).
+        config = _tiny_path() if spec.base == TINY else _single_file_config(Path(scratch), path)
+        components: dict[str, Any] = {}
+        try:
+            if ambiguous_text_encoders(config):
+                components["text_encoder_2"] = load_text_encoder_2(path, config, dtype)
+            return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), **components,
+                                                              **_dtype_kwarg(dtype))
+        except Exception as exc:  # diffusers raises many kinds for a file it cannot map to SDXL
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"base model: could not read '{path}' as a single-file SDXL checkpoint ({first_line})") from exc
 
 
-def _config_folder(repo: str) -> Path:
-    return resolve_folder(
-        repo,
-        what="base model configuration (needed to read a single-file checkpoint)",
-        hint=f"download the configs once: huggingface-cli download {repo} --include '*.json' '*.txt'",
-        allow_patterns=["*.json", "*.txt"],
-    )
+def _single_file_config(dest: Path, path: Path) -> Path:
+    from .single_file import TOKENIZER_FILES, sdxl_config_folder
+
+    command = f"fastface download --base-model {path}"
+    tokenizers = {
+        f"{folder}/{name}": resolve_file(SDXL_BASE, f"{folder}/{name}", what="SDXL tokenizers (for a single-file model)",
+                                         hint=f"fetch them once with `{command}` on a connected machine")
+        for folder in ("tokenizer", "tokenizer_2") for name in TOKENIZER_FILES
+    }
+    return sdxl_config_folder(dest, tokenizers)
 
 
 def _load_unet_weights(pipe: StableDiffusionXLPipeline, spec: BackboneSpec) -> None:
-    import torch
 
     repo, filename = spec.unet
     path = resolve_file(
         repo,
         filename,
         what=f"{spec.name} UNet",
-        hint=f"download '{filename}' from '{repo}' on a connected machine and put it in the hub cache",
+        hint=f"fetch it with `fastface download {spec.name}` on a connected machine",
     )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = read_weights(path, what=f"{spec.name} UNet")
     # Load in place into the base UNet (same architecture): no second full-size UNet in memory.
     pipe.unet.load_state_dict(state, strict=True)
 
@@ -331,7 +390,7 @@ def _normalise_loras(loras: Sequence[Any]) -> list[tuple[str, float]]:
 
 
 def load_backbone(
-    name: str,
+    name: str | BackboneSpec,
     base_model: str | os.PathLike | None = None,
     loras: Sequence[Any] = (),
     device: str | torch.device | None = None,
@@ -348,7 +407,8 @@ def load_backbone(
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    spec = spec if spec is not None else get_backbone(name)  # ``spec``: e.g. with_scheduler(...) of ``name``
+    # ``name``: a registered name or a spec (a sampler setting); ``spec``: e.g. with_scheduler(...) of ``name``
+    spec = spec if spec is not None else (name if isinstance(name, BackboneSpec) else get_backbone(name))
     _normalise_loras(loras)  # fail on a bad argument before loading anything
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -361,7 +421,7 @@ def load_backbone(
     elif base_path.suffix in (".safetensors", ".ckpt"):
         raise MissingWeightsError(f"base model: file '{base}' does not exist")
     else:
-        folder, variant = _base_folder(base, dtype)
+        folder, variant = _base_folder(base, dtype, f"fastface download {spec.name}")
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(folder, variant=variant, **_dtype_kwarg(dtype))
         except (OSError, ValueError) as exc:
@@ -376,11 +436,13 @@ def load_backbone(
             repo,
             filename,
             what=f"{spec.name} distillation LoRA",
-            hint=f"download '{filename}' from '{repo}' on a connected machine and put it in the hub cache",
+            hint=f"fetch it with `fastface download {spec.name}` on a connected machine",
         )
+        check_weights_file(path, what=f"{spec.name} distillation LoRA")
         pipe.load_lora_weights(str(path), adapter_name=DISTILL_ADAPTER)
     for index, (path, _) in enumerate(_normalise_loras(loras)):
         file = resolve_file(path, None, what=f"style LoRA {index}")
+        check_weights_file(file, what=f"style LoRA {index}")
         with warnings.catch_warnings():
             # PEFT warns whenever a second adapter joins a model; several adapters is the point here.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -469,8 +531,8 @@ def resolve_vae(vae: str | os.PathLike) -> VaeChoice:
     folder = resolve_folder(
         source,
         what=f"VAE '{name}'",
-        hint=f"download it on a connected machine (huggingface-cli download {source}) "
-        "or pass vae=<local diffusers VAE folder> (--vae PATH)",
+        hint=(f"fetch it with `fastface download --vae {name}` on a connected machine" if spec is not None
+              else f"download '{source}' on a connected machine") + " or pass vae=<local diffusers VAE folder>",
         allow_patterns=_VAE_FILES,
     )
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():

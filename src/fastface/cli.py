@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.register(sub)
     for module_name in (
-        "fastface.faces.cli", "fastface.doctor", "fastface.evaluation.cli", "fastface.bench", "fastface.serve.cli",
+        "fastface.faces.cli", "fastface.doctor", "fastface.downloads", "fastface.evaluation.cli", "fastface.bench",
+        "fastface.serve.cli",
     ):
         module = _optional_module(module_name)
         if module is not None:
@@ -59,12 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # image processors or LoRA prefixes) off the terminal unless the user asks for it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    from .messages import show_warning_line, to_cli
+
+    # The CLI owns its process: library warnings (several faces found, an outlier photo) become one
+    # `warning:` line in CLI terms, never a raw UserWarning with a source path.
+    warnings.showwarning = show_warning_line
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except FastFaceError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {to_cli(str(exc))}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

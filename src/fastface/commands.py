@@ -18,7 +18,15 @@ from typing import Any
 
 from PIL import Image
 
-from .atomic import disk_full_as_error, ensure_writable_dir, flush_to_disk, link_new, same_file, tmp_name
+from .atomic import (
+    disk_full_as_error,
+    ensure_writable_dir,
+    flush_to_disk,
+    link_new,
+    same_file,
+    tmp_name,
+)
+from .downloads import Combination, check_available
 from .errors import ConfigError, InputError
 
 EMBEDDING_SUFFIXES = {".npy", ".safetensors"}
@@ -33,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                      help="prompt; repeat for a batch of prompts")
     gen.add_argument("--negative-prompt", default=None, metavar="TEXT")
+    gen.add_argument("--select", type=select_option, default="largest",
+                     help="which face of a photo with several: largest, confidence or an index (left to right)")
+    gen.add_argument("--outlier-threshold", type=float, default=None, metavar="SIM",
+                     help="a photo less similar than this to the others is left out (default: per face backend)")
+    gen.add_argument("--reject-threshold", type=float, default=None, metavar="SIM",
+                     help="a photo less similar than this to the others is refused (default: per face backend)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     gen.add_argument("--out", required=True, metavar="PATH",
@@ -76,6 +90,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescale-on", choices=("all", "guided"), default=None)
     parser.add_argument("--face-backend", default=None, help="face encoder (default: the adapter's own)")
     parser.add_argument("--base-model", default=None, help="custom SDXL base: hub id, diffusers folder or .safetensors")
+    parser.add_argument("--sampler", default=None, metavar="NAME",
+                        help="sample --base-model (a checkpoint with the distillation merged in) like backbone NAME: "
+                             "its scheduler, steps and CFG-free scale, no distillation weights (e.g. lightning-4)")
     parser.add_argument("--scheduler", default=None,
                         help="sample with another scheduler: dpm++2m-trailing (PuLID v1), dpm++2m-karras-k (PuLID v1.1)")
     parser.add_argument("--cfg-scale", type=float, default=None,
@@ -136,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cfg_scale=getattr(args, "cfg_scale", None),
         adapter_path=args.adapter_path,
         image_encoder=args.image_encoder,
+        sampler=getattr(args, "sampler", None),
         loras=tuple(parse_lora(item) for item in args.lora),
         device=getattr(args, "device", "auto") or "auto",
         dtype=getattr(args, "dtype", "auto") or "auto",
@@ -163,7 +181,15 @@ def adapter_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Check every name and number of a generation configuration without loading a model."""
-    return config_from_args(args).validate().as_dict()
+    config = config_from_args(args)
+    resolved = config.validate().as_dict()
+    from .hub import check_weights_file
+
+    # A damaged weights file the user named is one line now, not a traceback after a model load.
+    for path, what in [(config.adapter_path, "--adapter-path"), *((p, "--lora") for p, _ in config.loras)]:
+        if path is not None and Path(path).is_file():
+            check_weights_file(path, what=what)
+    return resolved
 
 
 def parse_lora(item: str) -> tuple[str, float]:
@@ -190,8 +216,21 @@ def default_face_backend(adapter: Any) -> str:
     return getattr(adapter, "face_backend", None) or "arcface"
 
 
-def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> Any:
-    """An Identity from face photos or an embedding file, checked before any model loads."""
+def select_option(value: str) -> str | int:
+    """``--select``: largest, confidence or a face index."""
+    if value in ("largest", "confidence"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--select must be 'largest', 'confidence' or an index, got {value!r}") from None
+
+
+def load_identity(paths: Sequence[str], backend: str | None, adapter: Any, **options: Any) -> Any:
+    """An Identity from face photos or an embedding file, checked before any model loads.
+
+    ``options`` (``select``, ``outlier_threshold``, ``reject_threshold``) go to ``build_identity``.
+    """
     from .faces import build_identity, load_embedding
     from .faces.io import check_regular_file
 
@@ -206,7 +245,7 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
             raise InputError("pass either one embedding file or face photos, not both")
         identity = load_embedding(paths[0])
     else:
-        identity = build_identity(list(paths), backend=backend or default_face_backend(adapter))
+        identity = build_identity(list(paths), backend=backend or default_face_backend(adapter), **options)
     expected = getattr(adapter, "embedding_dim", None)
     if adapter is not None and expected and identity.dim != expected:
         raise InputError(
@@ -220,8 +259,20 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    # Names first, then the face files, the numbers and the output, then everything the combination
+    # lacks (one error naming one command), all before torch even loads.
+    combination = generation_combination(args)
+    for path in args.face:
+        if not Path(path).exists():
+            raise InputError(f"face file '{path}' does not exist")
+    if all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in args.face):
+        from .adapters import spec_for_backbone
+
+        adapter = None if combination.adapter is None else spec_for_backbone(
+            combination.adapter, backbone_name(args))
+        load_identity(args.face, args.face_backend, adapter)  # a wrong embedding file is the first thing to fix
     config = config_from_args(args)
-    resolved = config.validate()
+    resolved = resolve_config(args)
     out = Path(args.out)
     single_file = out.suffix.lower() in IMAGE_SUFFIXES
     total = len(config.prompts) * config.num_images
@@ -229,7 +280,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
     inputs = input_paths(args)
     check_output(out, single_file=single_file, overwrite=args.overwrite, inputs=inputs)
-    identity = load_identity(args.face, args.face_backend, resolved.adapter)
+    check_available(combination)
+    warn_ineffective(args, resolved)
+    identity = load_identity(args.face, args.face_backend, resolved["adapter"], select=args.select,
+                             outlier_threshold=args.outlier_threshold, reject_threshold=args.reject_threshold)
     pipe = load_pipeline(config)
     result = pipe.generate(config, identity)
     paths = write_images(result, out, single_file=single_file, overwrite=args.overwrite, protected=inputs,
@@ -238,6 +292,63 @@ def run_generate(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def warn_ineffective(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """One ``warning:`` line per option that changes nothing in this configuration."""
+    from .advice import ineffective_options
+    from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE
+
+    # Defaults of the options whose explicit use can be ineffective (see fastface.advice).
+    defaults: dict[str, Any] = {"ip_scale": DEFAULT_IP_SCALE, "lora_scale": DEFAULT_LORA_SCALE,
+                                "select": "largest", "no_fuse": False, "cpu_offload": False}
+
+    given: dict[str, Any] = {}
+    for name in ("negative_prompt", "rescale", "rescale_on", "face_backend", "image_encoder", "adapter_path",
+                 "outlier_threshold", "reject_threshold"):
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if value is not None and value != default:  # None: not given (--ip-scale defaults to None)
+            given[name] = value
+    faces = getattr(args, "face", None) or []
+    for finding in ineffective_options(
+        method=config["method"], guidance=config["guidance"], steps=config["steps"], adapter=config["adapter"],
+        given=given, face_is_embedding=bool(faces) and all(Path(p).suffix.lower() in EMBEDDING_SUFFIXES for p in faces),
+    ):
+        print(f"warning: {finding.message(cli=True)}", file=sys.stderr)
+
+
+def backbone_name(args: argparse.Namespace) -> str:
+    """The name of the backbone (or sampler setting) a generation command runs."""
+    from .backbones import backbone_spec
+
+    return backbone_spec(args.backbone, getattr(args, "sampler", None), args.base_model).name
+
+
+def generation_combination(args: argparse.Namespace) -> Combination:
+    """What a generate command will read from the hub (for the one-command missing-weights error)."""
+    from .adapters import spec_for_backbone
+    from .backbones import backbone_spec
+    from .faces.model_packs import ALIASES, PACKS
+
+    backbone = backbone_spec(args.backbone, getattr(args, "sampler", None), args.base_model)
+    adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
+
+    packs: tuple[str, ...] = ()
+    faces = getattr(args, "face", None) or []
+    if any(Path(p).suffix.lower() not in EMBEDDING_SUFFIXES for p in faces):
+        backend = args.face_backend or default_face_backend(adapter)
+        if backend in PACKS or backend in ALIASES:
+            packs = (ALIASES.get(backend, backend),)
+    dtype, device = getattr(args, "dtype", "auto"), getattr(args, "device", "auto")
+    precision = "fp32" if dtype == "float32" or (dtype == "auto" and device == "cpu") else "fp16"
+    return Combination(
+        backbone=args.backbone, adapter=adapter.name if adapter is not None else None,
+        face_packs=packs, vae=getattr(args, "vae", None), sampler=getattr(args, "sampler", None),
+        base_model=args.base_model, adapter_path=args.adapter_path, image_encoder=args.image_encoder,
+        precision=precision)
 
 
 def load_pipeline(config: Any) -> Any:

@@ -254,7 +254,8 @@ class GenerationConfig:
     ``attention`` its attention manipulation (None: off; unset: the preset's). ``adapter_options``:
     the adapter's own per-call options (name -> value; e.g. a pose photo), given to its ``encode``. ``loras``: extra
     style LoRAs as (path, weight). ``device``/``dtype``: "auto" or a name. Memory options: ``vae``,
-    ``vae_tiling``, ``cpu_offload``; ``fuse_loras`` merges the LoRAs into the UNet once.
+    ``vae_tiling``, ``cpu_offload``; ``fuse_loras`` merges the LoRAs into the UNet once. ``sampler``:
+    a distilled backbone's sampling over ``base_model``, a checkpoint with the distillation merged in.
     """
 
     prompts: tuple[str, ...] = ()
@@ -279,6 +280,7 @@ class GenerationConfig:
     adapter_options: tuple[tuple[str, Any], ...] = ()
     face_backend: str | None = None
     base_model: str | None = None
+    sampler: str | None = None
     scheduler: str | None = None  # backbones.SCHEDULERS name: an adapter's own sampler (PuLID)
     cfg_scale: float | None = None  # the backbone's stock CFG scale, replaced
     adapter_path: str | None = None
@@ -322,13 +324,14 @@ class GenerationConfig:
         """Check every name and number; no model loads. Raises ConfigError/InputError (one line)."""
         from .adapters import spec_for_backbone
         from .attention import AttentionManipulation
-        from .backbones import get_backbone, with_scheduler
+        from .backbones import backbone_spec, with_scheduler
         from .guidance import plan_steps
         from .presets import get_method
 
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a Limits, got {type(self.limits).__name__}")
-        backbone = with_scheduler(get_backbone(self.backbone), self.scheduler, self.cfg_scale)
+        backbone = with_scheduler(backbone_spec(self.backbone, self.sampler, self.base_model), self.scheduler,
+                                  self.cfg_scale)
         adapter = spec_for_backbone(self.adapter, backbone.name) if self.adapter is not None else None
         method = get_method(self.method)
         if self.prompts:
@@ -380,6 +383,7 @@ class GenerationConfig:
             "backbone": self.backbone,
             "adapter": self.adapter,
             "base_model": self.base_model,
+            "sampler": self.sampler,
             "scheduler": self.scheduler,
             "cfg_scale": self.cfg_scale,
             "adapter_path": self.adapter_path,

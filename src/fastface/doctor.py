@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HF_DOWNLOAD = "hf download"
+from .provenance import install_hint
 
 
 def _version(*dists: str) -> str | None:
@@ -80,7 +80,7 @@ def probe_torch() -> dict[str, Any]:
 
 def probe_onnxruntime() -> dict[str, Any]:
     if not _has_module("onnxruntime"):
-        return {"installed": False, "providers": [], "how": "pip install 'fastface[faces]' (or onnxruntime-gpu for CUDA)"}
+        return {"installed": False, "providers": [], "how": f"{install_hint('faces')} (or onnxruntime-gpu for CUDA)"}
     import onnxruntime
 
     return {"installed": True, "version": onnxruntime.__version__,
@@ -157,8 +157,8 @@ def _pack_status(name: str) -> dict[str, Any]:
     absent = [f for f, where in files.items() if where is None]
     if absent:
         problems.append(
-            f"put {', '.join(absent)} into {model_packs.insightface_dir(pack)} (or ${model_packs.ENV_MODEL_DIR}), "
-            f"or run once with network access to download them from '{source}'"
+            f"fastface download --face-pack {pack.name} (from '{source}'), or put {', '.join(absent)} into "
+            f"{model_packs.insightface_dir(pack)} (or ${model_packs.ENV_MODEL_DIR})"
         )
     if not _has_module("onnxruntime"):
         problems.append("onnxruntime is not installed: pip install onnxruntime")
@@ -181,81 +181,73 @@ def probe_face_backends() -> dict[str, Any]:
     return {name: _guarded(probe) for name, probe in probes.items()}
 
 
-def _weights(repo: str, filenames: list[str]) -> dict[str, Any]:
-    """The first of ``filenames`` found cached for ``repo`` (alternatives such as fp16/fp32)."""
-    for filename in filenames:
-        path = _hub_cached(repo, filename)
-        if path:
-            return {"repo": repo, "file": filename, "path": path}
-    return {"repo": repo, "file": filenames[0], "path": None}
+def _check(items: list[Any], command: str) -> dict[str, Any]:
+    """Which of ``items`` (downloads.RequiredFile) are cached; ``how`` is the one command fetching the rest."""
+    from .downloads import cached_path
 
-
-def _extra_file(extra: Any, checkpoint: str | None) -> dict[str, Any]:
-    """An adapter's extra file: from the hub cache, or (a download URL, e.g. PuLID's face parsing
-    weights) beside the adapter checkpoint, where the adapter looks for it."""
-    if not extra.repo.startswith(("https://", "http://")):
-        return _weights(extra.repo, [extra.filename])
-    beside = Path(checkpoint).parent / extra.filename if checkpoint else None
-    return {"repo": extra.repo, "file": extra.filename,
-            "path": str(beside) if beside is not None and beside.is_file() else None}
-
-
-def _base_model_files(repo: str) -> list[dict[str, Any]]:
-    return [
-        _weights(repo, ["model_index.json"]),
-        _weights(repo, ["unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors"]),
-        _weights(repo, ["vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors"]),
-    ]
-
-
-def _how_to_get(item: dict[str, Any]) -> str:
-    if item["repo"].startswith(("https://", "http://")):
-        return f"download {item['repo']}/{item['file']} into the adapter checkpoint's folder"
-    if item["file"].startswith("unet/") or item["file"].startswith("vae/") or item["file"] == "model_index.json":
-        return (f"{HF_DOWNLOAD} {item['repo']} --include '*.json' '*.txt' '*model.fp16.safetensors' "
-                f"(or pass base_model=<local folder>)")
-    return f"{HF_DOWNLOAD} {item['repo']} {item['file']}"
+    files = [{"repo": i.repo, "file": i.filename, "path": cached_path(i)} for i in items]
+    missing = [f for f in files if f["path"] is None]
+    # "present" for an empty list: a backbone that is its base model alone needs nothing more
+    status = "present" if not missing else ("missing" if len(missing) == len(files) else "partial")
+    entry: dict[str, Any] = {"status": status, "files": files}
+    if missing:
+        entry["how"] = command
+    return entry
 
 
 def probe_generation_models() -> dict[str, Any]:
-    """Backbones and adapters whose weights are in the local Hugging Face cache."""
-    out: dict[str, Any] = {"hf_cache": None, "base_models": {}, "backbones": {}, "adapters": {}}
+    """Backbones, adapters, VAEs and scoring models whose files are in the local Hugging Face cache.
+
+    Each missing entry's ``how`` is the ``fastface download`` command fetching exactly its files
+    (the same command the generation errors name).
+    """
+    from dataclasses import replace
+
     from huggingface_hub import constants
 
-    out["hf_cache"] = str(constants.HF_HUB_CACHE)
+    from .downloads import Combination, required_files, scoring_files
+
+    out: dict[str, Any] = {"hf_cache": str(constants.HF_HUB_CACHE), "base_models": {}, "backbones": {},
+                           "adapters": {}, "vaes": {}, "scoring": {}}
     backbones = _optional_attr("fastface.backbones", "BACKBONES")
     adapters = _optional_attr("fastface.adapters", "ADAPTERS")
     for name, spec in (backbones or {}).items():
-        base = getattr(spec, "base", None)
-        if not base or base == "tiny":
-            continue  # the tiny test model ships with FastFace
-        if base not in out["base_models"]:
-            out["base_models"][base] = _summarise(_base_model_files(base))
-        extras = [_weights(e[0], [e[1]]) for e in (getattr(spec, "lora", None), getattr(spec, "unet", None)) if e]
-        entry = _summarise(extras)
-        entry["base"] = base
-        if out["base_models"][base]["status"] != "present":
-            entry["status"] = "partial" if entry["status"] == "present" and extras else "missing"
-            entry["how"] = "; ".join(x for x in (f"base model {base} (see above)", entry.get("how")) if x)
+        if spec.base == "tiny":
+            continue  # the tiny test model ships with FastFace (see "tiny_models")
+        combo = Combination(backbone=name, adapter=None)
+        items = required_files(combo)
+        base_items = [i for i in items if i.repo == spec.base and "base model" in i.role]
+        if spec.base not in out["base_models"]:
+            entry = _check(base_items, combo.command())
+            if entry["status"] != "present":  # either precision will do
+                fp32 = _check(required_files(replace(combo, precision="fp32")), combo.command())
+                entry = fp32 if fp32["status"] == "present" else entry
+            out["base_models"][spec.base] = entry
+        entry = _check([i for i in items if i not in base_items], combo.command())
+        entry["base"] = spec.base
+        if out["base_models"][spec.base]["status"] != "present":
+            entry["status"] = "partial" if entry["status"] == "present" and len(items) > len(base_items) else "missing"
+            entry["how"] = combo.command()
         out["backbones"][name] = entry
     for name, spec in (adapters or {}).items():
-        repo = getattr(spec, "repo", None)
-        if not repo or repo == "tiny":
-            continue
-        # Every file the adapter declares: checkpoint, image encoder, extras (InstantID's ControlNet
-        # folder, PuLID's face parsing weights from a download URL, looked for beside the checkpoint).
-        items = []
-        for required in spec.required_files():
-            if required.patterns:
-                items += [_weights(required.repo, [f]) for f in required.patterns]
-            elif required.filename:
-                items.append(_extra_file(required, items[0]["path"] if items else None))
-        entry = _summarise(items)
-        entry["files"] = [f"{item['repo']}/{item['file']}: {'present' if item['path'] else 'missing'}"
-                          for item in items]
-        if spec.face_backend:
+        if getattr(spec, "repo", None) == "tiny":
+            continue  # the tiny test adapters ship with FastFace (see "tiny_models")
+        # Every file the adapter declares (spec.required_files(): checkpoint, image encoder, extras such
+        # as InstantID's ControlNet or PuLID's face parsing weights, a URL file looked for beside the
+        # checkpoint), each present or missing, and the one command fetching the rest.
+        combo = Combination(backbone=None, adapter=name)
+        entry = _check(required_files(combo), combo.command())
+        if getattr(spec, "face_backend", None):
             entry["face_backend"] = spec.face_backend
         out["adapters"][name] = entry
+    vaes = _optional_attr("fastface.backbones", "VAES") or {}
+    for name in vaes:
+        combo = Combination(backbone=None, adapter=None, vae=name)
+        out["vaes"][name] = _check(required_files(combo), combo.command())
+    for role in dict.fromkeys(item.role for item in scoring_files()):
+        out["scoring"][role] = _check([i for i in scoring_files() if i.role == role], "fastface download --eval")
+    if _has_module("ImageReward") is False and "ImageReward" in out["scoring"]:
+        out["scoring"]["ImageReward"]["package"] = "missing: pip install image-reward (and its BLIP dependencies)"
     if backbones is None:
         out["backbones_note"] = "fastface.backbones is not part of this build"
     if adapters is None:
@@ -263,14 +255,14 @@ def probe_generation_models() -> dict[str, Any]:
     return out
 
 
-def _summarise(items: list[dict[str, Any]]) -> dict[str, Any]:
-    missing = [item for item in items if item["path"] is None]
-    status = "present" if not missing else ("missing" if len(missing) == len(items) else "partial")
-    # "present" for an empty list: a backbone that is its base model alone needs nothing more
-    entry: dict[str, Any] = {"status": status, "files": items}
-    if missing:
-        entry["how"] = "; ".join(dict.fromkeys(_how_to_get(item) for item in missing))
-    return entry
+def probe_tiny_models() -> dict[str, Any]:
+    """The tiny random-weight models of the demo and the tests: built on first use, offline."""
+    from .tiny import TINY_VERSION, default_cache_root
+
+    folder = default_cache_root() / f"tiny-sdxl-v{TINY_VERSION}"  # looked at, never built here
+    ready = (folder / "COMPLETE").is_file()
+    return {"status": "ready" if ready else "missing", "location": str(folder),
+            **({} if ready else {"how": "fastface demo (builds them, offline)"})}
 
 
 def _optional_attr(module: str, attr: str) -> Any:
@@ -297,10 +289,16 @@ def diagnose() -> dict[str, Any]:
         "onnxruntime": _guarded(probe_onnxruntime),
         "face_backends": probe_face_backends(),
         "generation_models": _guarded(probe_generation_models),
+        "tiny_models": _guarded(probe_tiny_models),
         "environment": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
                                                         "FASTFACE_FACE_MODELS", "FASTFACE_FACE_HUB_REPO")},
     }
     report["missing"] = _missing_lines(report)
+    if report["missing"]:
+        from .downloads import Combination
+
+        default = Combination(backbone="hyper-4", adapter="faceid", face_packs=("buffalo_l",))
+        report["default_combination"] = default.command()
     return report
 
 
@@ -313,10 +311,13 @@ def _missing_lines(report: dict[str, Any]) -> list[str]:
         if entry.get("status") != "ready":
             lines.append(f"face backend {name}: {entry.get('how') or entry.get('error')}")
     gen = report["generation_models"]
-    for kind, label in (("base_models", "base model"), ("backbones", "backbone"), ("adapters", "adapter")):
+    for kind, label in (("base_models", "base model"), ("backbones", "backbone"), ("adapters", "adapter"),
+                        ("vaes", "VAE"), ("scoring", "scoring model")):
         for name, entry in gen.get(kind, {}).items():
             if entry.get("status") != "present":
                 lines.append(f"{label} {name}: {entry['how']}")
+    if report["tiny_models"].get("status") != "ready":
+        lines.append(f"tiny models: {report['tiny_models'].get('how') or report['tiny_models'].get('error')}")
     if gen.get("error"):
         lines.append(f"generation models: {gen['error']}")
     return lines
@@ -350,21 +351,29 @@ def render(report: dict[str, Any]) -> str:
             where = str(Path(found[0]).parent)
         rows.append((f"face: {name}", entry.get("status", "?"), where))
     gen = report["generation_models"]
-    for kind, label in (("base_models", "base"), ("backbones", "backbone"), ("adapters", "adapter")):
+    for kind, label in (("base_models", "base"), ("backbones", "backbone"), ("adapters", "adapter"),
+                        ("vaes", "vae"), ("scoring", "scoring")):
         for name, entry in gen.get(kind, {}).items():
-            detail = ""
+            detail = entry.get("how", "")
             if kind == "adapters":
                 # which files it needs, each present or missing, and the face backend it reads
-                parts = list(entry.get("files", []))
+                parts = [f"{f['repo']}/{f['file']}: {'present' if f['path'] else 'missing'}"
+                         for f in entry.get("files", [])]
                 if entry.get("face_backend"):
                     parts.append(f"face backend {entry['face_backend']}")
+                if entry.get("how"):
+                    parts.append(entry["how"])
                 detail = "; ".join(parts)
             rows.append((f"{label}: {name}", entry.get("status", "?"), detail))
+    tiny = report["tiny_models"]
+    rows.append(("tiny models", tiny.get("status", "?"), tiny.get("location", tiny.get("error", ""))))
     width = max(len(r[0]) for r in rows)
     width2 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{width}}  {b:<{width2}}  {c}".rstrip() for a, b, c in rows]
     if report["missing"]:
         lines += ["", "missing:"] + [f"  - {line}" for line in report["missing"]]
+        if report.get("default_combination"):
+            lines += ["", f"everything the default combination needs: {report['default_combination']}"]
     else:
         lines += ["", "nothing missing"]
     return "\n".join(lines)

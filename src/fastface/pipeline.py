@@ -32,28 +32,18 @@ import torch
 
 from . import metadata as meta
 from . import sampling
-from .adapters import IdentityAdapter, IdentityConditioning, IdentityTokens, load_adapter
+from .adapters import IdentityAdapter, IdentityConditioning, IdentityTokens
 from .attention import AttentionManipulation
 from .backbones import (
-    VAE_DEFAULT,
     BackboneSpec,
     VaeChoice,
     backbone_lora_weights,
-    default_dtype,
-    get_backbone,
-    load_backbone,
-    load_vae,
-    resolve_vae,
-    vae_scale_factor,
-    with_scheduler,
 )
 from .config import (
     DEFAULT_LIMITS,
     FROM_METHOD,
     GenerationConfig,
     Limits,
-    check_device,
-    check_dtype,
     check_num_images,
     check_number,
     check_prompts,
@@ -65,6 +55,7 @@ from .config import (
 from .errors import ConfigError, InputError
 from .faces.types import Identity
 from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
+from .loading import LoadingMixin, replace_vae
 from .lora import LoraMixin, LoraState
 from .memory import MemoryOptionsMixin
 from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE, DEFAULT_METHOD, get_method, plain_cfg
@@ -103,25 +94,7 @@ class GenerationResult:
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
 
-def replace_vae(sdxl: Any, vae: Any, name: str = "replacement") -> None:
-    """Put ``vae`` in place of ``sdxl``'s VAE, after checking that it reads the same latents.
-
-    The SDXL pipeline derives its pixel/latent scale from the VAE it was built with; a replacement
-    (AutoencoderTiny has no ``block_out_channels`` to derive it from) must match that scale and
-    the UNet's latent channels.
-    """
-    channels = sdxl.unet.config.in_channels
-    if vae.config.latent_channels != channels:
-        raise InputError(
-            f"VAE '{name}' has {vae.config.latent_channels} latent channels; this backbone's UNet uses {channels}"
-        )
-    scale = vae_scale_factor(vae)
-    if scale != sdxl.vae_scale_factor:
-        raise InputError(f"VAE '{name}' maps 1 latent to {scale} px; this backbone needs {sdxl.vae_scale_factor}")
-    sdxl.register_modules(vae=vae)
-
-
-class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
+class FastFacePipeline(LoadingMixin, MemoryOptionsMixin, LoraMixin):
     """Identity-preserving text-to-image on an SDXL backbone with an identity adapter (or none)."""
 
     def __init__(
@@ -153,69 +126,6 @@ class FastFacePipeline(MemoryOptionsMixin, LoraMixin):
             # The SDXL VAE overflows in float16. diffusers casts it up and back down around every
             # decode; keeping it in float32 once costs ~160 MB and leaves no cast inside calls.
             vae.to(torch.float32)
-
-    # -- construction ----------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        backbone: str = "hyper-4",
-        adapter: str | None = "faceid",
-        *,
-        base_model: str | os.PathLike | None = None,
-        adapter_path: str | os.PathLike | None = None,
-        image_encoder: str | os.PathLike | None = None,
-        loras: Sequence[Any] = (),
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-        vae: str | os.PathLike | None = None,
-        vae_tiling: bool = False,
-        cpu_offload: bool = False,
-        scheduler: str | None = None,
-        cfg_scale: float | None = None,
-    ) -> FastFacePipeline:
-        """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
-
-        ``base_model``/``adapter_path``/``image_encoder`` replace the hub defaults with local paths;
-        ``loras`` are extra style LoRAs, paths or (path, weight) pairs.
-
-        Memory options (for small GPUs): ``vae`` replaces the backbone's VAE with ``"fp16-fix"``
-        (madebyollin/sdxl-vae-fp16-fix: decodes in float16, no float32 copy), ``"tiny"``
-        (madebyollin/taesdxl, AutoencoderTiny: a fast preview decoder) or a local diffusers VAE
-        folder / hub id (AutoencoderKL or AutoencoderTiny, read from its config); None or
-        ``"default"`` keeps the backbone's. ``vae_tiling`` decodes in overlapping tiles (peak
-        memory independent of the image size; no effect on images smaller than one tile).
-        ``cpu_offload`` keeps every model on the CPU and moves each to ``device`` (a CUDA device)
-        only while it runs (diffusers' model CPU offload): slower, far less GPU memory.
-        ``scheduler``/``cfg_scale``: another sampler and stock CFG scale (:func:`backbones.with_scheduler`).
-        """
-        spec = with_scheduler(get_backbone(backbone), scheduler, cfg_scale)
-        if adapter is not None:
-            from .adapters import get_adapter
-
-            get_adapter(adapter)  # fail on a bad name before loading gigabytes
-        device = check_device(device)
-        if cpu_offload and device.type != "cuda":
-            raise ConfigError(f"cpu_offload needs a CUDA device (the pipeline's device is {device})")
-        dtype = check_dtype(dtype) or default_dtype(device)
-        # Resolved before the backbone loads: a missing VAE costs a second, not a model load.
-        vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
-        # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
-        load_device = torch.device("cpu") if cpu_offload else device
-        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype, spec=spec)
-        if vae_choice is not None:
-            replace_vae(sdxl, load_vae(vae_choice, dtype), vae_choice.name)
-            sdxl.vae.to(load_device)
-        loaded = None
-        if adapter is not None:
-            loaded = load_adapter(sdxl, adapter, backbone=spec.name, path=adapter_path, image_encoder=image_encoder)
-            sdxl.to(load_device)
-            loaded.to(device=device, dtype=dtype)
-        pipe = cls(sdxl, spec, loaded, loras, vae=vae_choice)
-        pipe.set_vae_tiling(vae_tiling)
-        if cpu_offload:
-            pipe.enable_model_cpu_offload(device)
-        return pipe
 
     @property
     def device(self) -> torch.device:

@@ -22,6 +22,7 @@ from .tiny import (
     default_cache_root,
     tiny_model_dir,
     write_clip_tokenizer,
+    write_tiny_single_file,
 )
 from .tiny_adapters import (
     CONTROLNET_DIR,
@@ -74,4 +75,5 @@ __all__ = [
     "default_cache_root",
     "tiny_model_dir",
     "write_clip_tokenizer",
+    "write_tiny_single_file",
 ]

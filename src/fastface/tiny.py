@@ -408,3 +408,14 @@ def _build(folder: Path) -> None:
     )
     save_file({k: v.contiguous() for k, v in _distill_lora(pipe.unet, generator).items()}, folder / DISTILL_LORA_FILE)
     write_tiny_adapters(folder, pipe.unet, clip_hidden, TINY_EMBEDDING_DIM)
+
+
+def write_tiny_single_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The tiny SDXL written as one original-layout ``.safetensors`` checkpoint (as community merges
+    ship), so that single-file loading runs for real in tests."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .single_file import save_single_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir(root) / "backbone")
+    return save_single_file(pipe, path)

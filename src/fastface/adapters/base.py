@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError
-from ..hub import resolve_file, resolve_folder
+from ..hub import read_weights, resolve_file, resolve_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -333,25 +333,14 @@ def identity_info(adapter: IdentityAdapter, identity: Identity, mode: str, num_t
 
 def read_ip_adapter_checkpoint(path: Path) -> dict[str, dict[str, Any]]:
     """An IP-Adapter checkpoint (``.bin`` or ``.safetensors``) as ``{"image_proj": …, "ip_adapter": …}``."""
-    import torch
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            flat = load_file(str(path))
-        except Exception as exc:  # a damaged header or truncated file
-            raise InputError(f"cannot read adapter checkpoint '{path}': {type(exc).__name__}: {exc}") from exc
-        state: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+    # hub.read_weights checks the file before reading: a damaged or foreign file is one clear line.
+    state = read_weights(path, what="adapter checkpoint")
+    if path.suffix.lower() == ".safetensors":
+        flat, state = state, {"image_proj": {}, "ip_adapter": {}}
         for key, value in flat.items():
             group, _, rest = key.partition(".")
             if group in state:
                 state[group][rest] = value
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors of a damaged or foreign file
-            raise InputError(f"cannot read adapter checkpoint '{path}': {type(exc).__name__}") from exc
     if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
         raise InputError(f"'{path}' is not an IP-Adapter checkpoint (no 'image_proj'/'ip_adapter' keys)")
     return state

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--device", default=None)
     sc.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
                     help="under a launcher, how long rank 0 waits for the other ranks' scores")
+    sc.add_argument("--allow-partial", action="store_true",
+                    help="exit 0 even when no quality metric (ImageReward, aesthetic) could be scored")
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=cmd_score)
 
@@ -106,6 +108,9 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import Grid, RunConfig, run_grid
 
+    if getattr(args, "sampler", None):  # never silently ignored: a run's manifest must say how it sampled
+        raise ConfigError("--sampler is not supported by `eval run` yet; evaluate a registered backbone "
+                          "(--backbone NAME), or generate with `fastface generate --sampler`")
     config = RunConfig(
         backbone=args.backbone, adapter=None if args.no_identity else args.adapter, method=args.method,
         steps=args.steps, height=args.height, width=args.width, ip_scale=args.ip_scale, lora_scale=args.lora_scale,
@@ -167,7 +172,27 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         raise InputError(f"not scored: {damaged_line(Path(args.run_dir), result['damaged'])}; {REPAIR_HINT}, "
                          "then score again")
-    return 0
+    return _quality_verdict(result["metrics"], allow_partial=args.allow_partial)
+
+
+QUALITY_KEYS = ("image_reward", "aesthetic")  # PROTOCOL.md: the quality metrics
+
+
+def _quality_verdict(metrics: dict, *, allow_partial: bool) -> int:
+    """Exit status of ``eval score``: 2 when quality metrics were asked for and none could be scored."""
+    asked = [key for key in QUALITY_KEYS if key in metrics]
+    if not asked or any(metrics[key]["status"] == "ok" for key in asked):
+        return 0
+    reasons = "; ".join(f"{key}: {metrics[key]['reason']}" for key in asked)
+    what = ("NO QUALITY METRIC could be scored (" + ", ".join(asked) + "): these scores cannot rank image "
+            "quality. Fetch the scoring models with `fastface download --eval` (or pass them with "
+            "--aesthetic-head / --image-reward)")
+    if allow_partial:
+        sys.stderr.write(f"warning: {what}; kept as partial scores (--allow-partial). Reasons: {reasons}\n")
+        return 0
+    sys.stderr.write(f"error: {what}, or pass --allow-partial to accept partial scores "
+                     f"(scores.json is written). Reasons: {reasons}\n")
+    return 2
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ SPLITS = ("realistic", "stylistic", "all")
 BOOTSTRAP_SAMPLES = 2000
 GRID_COLUMNS = 8
 THUMB = 128
+INTEGER_METRICS = ("unet_evaluations",)  # counts, plotted with integer ticks
 
 
 def bootstrap_ci(values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
@@ -133,8 +134,24 @@ def _thumb(path: Path, size: int = THUMB):
     return canvas
 
 
+def _wrap(text: str, width: int = 22, lines: int = 4) -> list[str]:
+    """``text`` in at most ``lines`` lines of ``width`` characters (the last one cut with an ellipsis)."""
+    import textwrap
+
+    wrapped = textwrap.wrap(" ".join(str(text).split()), width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 1] + "…"
+    return wrapped
+
+
+def _prompt_texts(records: Sequence[dict]) -> dict[str, str]:
+    return {r["prompt_id"]: str(r.get("prompt") or r["prompt_id"]) for r in records}
+
+
 def image_grid(run_dir: Path, records: dict[str, dict], split: str, out: Path, dataset_root: Path | None) -> Path | None:
-    """Montage identity (rows) x prompt (columns), seed 0, with the reference photo first in each row."""
+    """Montage identity (rows) x prompt (columns), seed 0, with the reference photo first in each row and
+    the (wrapped) prompt text over each column."""
     from PIL import Image, ImageDraw
 
     chosen = [r for r in records.values() if r.get("seed_index") == 0 and (split == "all" or r.get("split") == split)]
@@ -142,17 +159,24 @@ def image_grid(run_dir: Path, records: dict[str, dict], split: str, out: Path, d
         return None
     idents = sorted({r["identity"] for r in chosen})
     prompts = sorted({r["prompt_id"] for r in chosen})[:GRID_COLUMNS]
+    texts = _prompt_texts(chosen)
     by_cell = {(r["identity"], r["prompt_id"]): r for r in chosen}
-    label_h, pad = 18, 4
+    label_h, pad, line_h = 14, 4, 11
+    header_h = 4 * line_h + pad
     cols = len(prompts) + 1
-    sheet = Image.new("RGB", (cols * (THUMB + pad) + pad, len(idents) * (THUMB + label_h + pad) + pad), (255, 255, 255))
+    sheet = Image.new("RGB", (cols * (THUMB + pad) + pad, header_h + len(idents) * (THUMB + label_h + pad) + pad),
+                      (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    draw.text((pad, pad), "reference photo", fill=(0, 0, 0))
+    for col, prompt_id in enumerate(prompts, start=1):
+        for k, line in enumerate(_wrap(texts[prompt_id])):
+            draw.text((pad + col * (THUMB + pad), pad + k * line_h), line, fill=(0, 0, 0))
     for row, ident in enumerate(idents):
-        y = pad + row * (THUMB + label_h + pad)
+        y = header_h + pad + row * (THUMB + label_h + pad)
         ref = _reference_photo(dataset_root, ident)
         if ref is not None:
             sheet.paste(_thumb(ref), (pad, y))
-        draw.text((pad, y + THUMB + 2), f"{ident} (reference)"[:22], fill=(0, 0, 0))
+        draw.text((pad, y + THUMB + 2), ident[:22], fill=(0, 0, 0))
         for col, prompt_id in enumerate(prompts, start=1):
             x = pad + col * (THUMB + pad)
             record = by_cell.get((ident, prompt_id))
@@ -160,7 +184,40 @@ def image_grid(run_dir: Path, records: dict[str, dict], split: str, out: Path, d
                 draw.rectangle((x, y, x + THUMB - 1, y + THUMB - 1), outline=(200, 0, 0))
                 continue
             sheet.paste(_thumb(run_dir / record["image"]), (x, y))
-            draw.text((x, y + THUMB + 2), prompt_id, fill=(0, 0, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:  # a full disk leaves no half-written picture
+        sheet.save(tmp, format="PNG")
+    return out
+
+
+def comparison_grid(runs: Sequence[tuple[str, Path, dict[str, dict]]], out: Path, max_rows: int = 8) -> Path | None:
+    """Runs side by side (columns) on the same identity x prompt x seed (rows), the cells every run has."""
+    from PIL import Image, ImageDraw
+
+    def key(r: dict) -> tuple[str, str, int]:
+        return (r["identity"], r["prompt_id"], int(r.get("seed_index", 0)))
+
+    cells = [{key(r): r for r in records.values()} for _, _, records in runs]
+    common = sorted(set.intersection(*(set(c) for c in cells)), key=lambda k: (k[2], k[0], k[1]))[:max_rows]
+    if not common:
+        return None
+    texts = _prompt_texts([r for c in cells for r in c.values()])
+    label_w, pad, line_h = 170, 4, 11
+    header_h = 2 * line_h + pad
+    width = label_w + len(runs) * (THUMB + pad) + pad
+    sheet = Image.new("RGB", (width, header_h + len(common) * (THUMB + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for col, (name, _, _) in enumerate(runs):
+        for k, line in enumerate(_wrap(name, 22, 2)):
+            draw.text((label_w + col * (THUMB + pad), pad + k * line_h), line, fill=(0, 0, 0))
+    for row, cell in enumerate(common):
+        y = header_h + pad + row * (THUMB + pad)
+        ident, prompt_id, seed_index = cell
+        label = [f"{ident[:26]}", f"seed #{seed_index}", *_wrap(texts.get(prompt_id, prompt_id), 28, 6)]
+        for k, line in enumerate(label):
+            draw.text((pad, y + k * line_h), line, fill=(0, 0, 0))
+        for col, ((_, run_dir, _), by_key) in enumerate(zip(runs, cells)):
+            sheet.paste(_thumb(run_dir / by_key[cell]["image"]), (label_w + col * (THUMB + pad), y))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:  # a full disk leaves no half-written picture
         sheet.save(tmp, format="PNG")
@@ -187,10 +244,23 @@ def _first_metric(splits: dict, prefix: str) -> str | None:
 
 def cost_plot(runs: list[dict], out: Path) -> Path:
     """Quality (identity similarity, CLIP-T, aesthetic where scored) against wall time per image."""
+    import matplotlib.pyplot as plt
+
+    fig = cost_figure(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:  # a full disk leaves no half-written picture
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out
+
+
+def cost_figure(runs: list[dict]) -> Any:
+    """The figure of :func:`cost_plot` (one panel per quality family, or cost only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     quality = [("id.", "identity similarity"), ("clip_t.", "CLIP-T (full prompt)"), ("aesthetic", "aesthetic score")]
     panels = [(p, title) for p, title in quality if any(_first_metric(r["aggregate"]["splits"], p) for r in runs)]
@@ -209,15 +279,13 @@ def cost_plot(runs: list[dict], out: Path) -> Path:
             ax.errorbar([x], [y], yerr=[[y - ylo], [yhi - y]], xerr=[[x - xlo], [xhi - x]], fmt="o", capsize=3)
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax.set_ylabel(key)
+            if key in INTEGER_METRICS:  # counts: no tick at 9.5 evaluations
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("wall ms per image (model loading excluded)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return fig
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -237,10 +305,11 @@ def _csv_rows(runs: list[dict]) -> list[list[Any]]:
               "mean_failures_as_zero", "failure_rate", "n_samples", "n_failed", "reason"]
     rows: list[list[Any]] = [header]
     for r in runs:
+        for reason, metrics in unavailable_metrics(r).items():  # once per metric, not per split
+            rows += [[r["name"], "*", "*", metric, "unavailable", "", "", "", "", "", "", "", reason] for metric in metrics]
         for split, metrics in r["aggregate"]["splits"].items():
             for metric, s in metrics.items():
                 if s["status"] != "ok":
-                    rows.append([r["name"], split, "*", metric, "unavailable", "", "", "", "", "", "", "", s["reason"]])
                     continue
                 rows.append([r["name"], split, "*", metric, "ok", s["mean"], s["ci95"][0], s["ci95"][1],
                              s["mean_failures_as_zero"], s["failure_rate"], s["n_samples"], s["n_failed"], ""])
@@ -252,15 +321,31 @@ def _csv_rows(runs: list[dict]) -> list[list[Any]]:
     return rows
 
 
+def unavailable_metrics(r: dict) -> dict[str, list[str]]:
+    """Reason -> the metrics it makes unavailable in run ``r`` (each reason said once, not per split or row)."""
+    by_reason: dict[str, list[str]] = {}
+    for metric, status in r["metrics"].items():
+        if status["status"] != "ok":
+            by_reason.setdefault(str(status.get("reason")), []).append(metric)
+    return by_reason
+
+
+def _html_unavailable(r: dict) -> str:
+    by_reason = unavailable_metrics(r)
+    if not by_reason:
+        return ""
+    items = "".join(f"<li><b>{html.escape(', '.join(metrics))}</b>: {html.escape(reason)}</li>"
+                    for reason, metrics in by_reason.items())
+    return f"<div class='na'><p>Not scored in this run (each reason once):</p><ul>{items}</ul></div>"
+
+
 def _html_table(r: dict, split: str) -> str:
     metrics = r["aggregate"]["splits"].get(split, {})
     lines = ["<table><tr><th>metric</th><th>mean</th><th>95% CI</th><th>mean, failures as 0</th>"
              "<th>failure rate</th><th>samples</th><th>identities</th></tr>"]
     for metric, s in metrics.items():
         if s["status"] != "ok":
-            lines.append(f"<tr class='na'><td>{html.escape(metric)}</td><td colspan='6'>unavailable: "
-                         f"{html.escape(str(s['reason']))}</td></tr>")
-            continue
+            continue  # listed once, with its reason, above the tables
         lines.append(
             f"<tr><td>{html.escape(metric)}</td><td>{_fmt(s['mean'])}</td>"
             f"<td>[{_fmt(s['ci95'][0])}, {_fmt(s['ci95'][1])}]</td><td>{_fmt(s['mean_failures_as_zero'])}</td>"
@@ -283,7 +368,7 @@ def _identity_table(r: dict) -> str:
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0 1.5em}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}
-tr.na td{color:#a33}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
+tr.na td{color:#a33}div.na{color:#a33;font-size:13px}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, seed: int = 0) -> dict[str, Path]:
@@ -291,6 +376,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, seed: int =
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
+    sources: list[tuple[str, Path, dict[str, dict]]] = []  # (name, run folder, records) for the side-by-side grid
     names: set[str] = set()
     for raw in run_dirs:
         run_dir = Path(raw).expanduser()
@@ -303,6 +389,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, seed: int =
             name += "_"
         names.add(name)
         records = load_records(run_dir)
+        sources.append((name, run_dir, records))
         dataset_root = Path(manifest.get("dataset", {}).get("root", ""))
         grids = {}
         for split in ("realistic", "stylistic"):
@@ -314,13 +401,15 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, seed: int =
                      "command": manifest.get("command"), "metrics": scores["metrics"],
                      "aggregate": aggregate(scores, seed=seed), "grids": grids})
     plot = cost_plot(runs, out / "quality_vs_cost.png")
+    comparison = comparison_grid(sources, out / "side_by_side.png") if len(sources) > 1 else None
     report = {"format": "fastface-eval-report/1", "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": seed,
-              "level": 0.95, "unit": "identity"}, "runs": runs, "plot": plot.name}
+              "level": 0.95, "unit": "identity"}, "runs": runs, "plot": plot.name,
+              "side_by_side": comparison.name if comparison else None}
     paths = {"json": out / "report.json", "csv": out / "report.csv", "html": out / "index.html", "plot": plot}
     _write(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
     with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(_csv_rows(runs))
-    _write(paths["html"], _html(runs, plot.name))
+    _write(paths["html"], _html(runs, plot.name, comparison.name if comparison else None))
     return paths
 
 
@@ -328,15 +417,19 @@ def _write(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
-def _html(runs: list[dict], plot: str) -> str:
+def _html(runs: list[dict], plot: str, comparison: str | None = None) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>FastFace evaluation report</title>",
              f"<style>{_CSS}</style></head><body><h1>FastFace evaluation report</h1>",
              "<p>Means over identities with 95 % bootstrap confidence intervals (identities resampled). "
              "Identity metrics: the mean over images with a detected face, the mean with failures as 0, and the "
              "failure rate. Metrics whose model could not be had are marked unavailable, with the reason.</p>",
              "<h2>Quality versus cost</h2>", f"<img src='{html.escape(plot)}' alt='quality versus cost'>"]
+    if comparison:
+        parts.append("<h2>Side by side</h2><p>The same identity, prompt and seed in every run (columns).</p>"
+                     f"<img src='{html.escape(comparison)}' alt='runs side by side'>")
     for r in runs:
         parts.append(f"<h2>{html.escape(r['label'])}</h2>")
+        parts.append(_html_unavailable(r))
         parts.append(f"<p>Run folder <code>{html.escape(r['run_dir'])}</code>; dataset fingerprint "
                      f"<code>{html.escape(str((r['dataset'] or {}).get('fingerprint', ''))[:16])}</code>; command "
                      f"<code>{html.escape(str(r['command']))}</code></p>")

@@ -273,8 +273,13 @@ def clean_stale(run_dir: Path, mine: set[str], everyone: set[str], rank: int) ->
 def software_versions() -> dict[str, str]:
     from importlib import metadata
 
-    versions = {"python": sys.version.split()[0]}
-    for package in ("fastface", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
+    from ..provenance import describe
+
+    source = describe()
+    # FastFace's own version comes from the package, never from the index (another project owns
+    # the name "fastface" there); the commit says exactly which code ran.
+    versions = {"python": sys.version.split()[0], "fastface": source["version"], "fastface_commit": source["commit"]}
+    for package in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors",
                     "numpy", "pillow", "dlib-bin", "onnxruntime"):
         try:
             versions[package] = metadata.version(package)
@@ -374,6 +379,20 @@ def build_manifest(previous: dict | None, config: RunConfig, grid: Grid, dataset
     }
 
 
+def _install_step(versions: dict) -> str:
+    from ..provenance import DIST_NAME
+
+    commit = str(versions.get("fastface_commit", ""))
+    version = versions.get("fastface", "?")
+    if commit and not commit.startswith("unreleased"):
+        sha = commit.removesuffix("+dirty")
+        dirty = " (the run had uncommitted changes on top of it)" if commit.endswith("+dirty") else ""
+        return (f"FastFace {version} at commit `{sha}`{dirty}: `git checkout {sha}` in a FastFace checkout, "
+                f"then `pip install -e \".[eval]\"` (distribution `{DIST_NAME}`).")
+    return (f"FastFace {version}, unreleased (no source commit was recorded): use the same source tree, "
+            f"installed with `pip install -e \".[eval]\"` (distribution `{DIST_NAME}`).")
+
+
 def reproduce_text(manifest: dict) -> str:
     ds = manifest["dataset"]
     lines = [
@@ -381,7 +400,7 @@ def reproduce_text(manifest: dict) -> str:
         "",
         "This folder was made by the FastFace evaluation protocol (docs/PROTOCOL.md).",
         "",
-        "1. Install the same software (versions below), e.g. `pip install fastface==" + manifest["versions"].get("fastface", "?") + "`.",
+        "1. Install the same software (versions below): " + _install_step(manifest["versions"]),
         f"2. Get the dataset with fingerprint `{ds['fingerprint']}` ({ds['identities']} identities, {ds['photos']} photos, "
         f"prompts {ds['prompts']}); `fastface eval dataset check DIR` prints a dataset's fingerprint. "
         "The bundled smoke set is written by `fastface eval dataset init DIR`.",

@@ -205,6 +205,8 @@ def _score_locked(run_dir: Path, manifest: dict, options: ScoreOptions, progress
             del records[sample]
     dataset, dataset_problem = _load_dataset_for(manifest, options)
     states = build_scorers(options, reference)
+    if manifest["config"].get("adapter") is None:  # the no-identity run is the reference: nothing to compare to
+        states = [state for state in states if not isinstance(state.scorer, M.DisruptionScorer)]
     for state in states:
         if isinstance(state.scorer, M.IdentityScorer) and dataset is None:
             state.status, state.reason = "unavailable", dataset_problem

@@ -46,10 +46,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--select", type=_select, default="largest")
     compare.set_defaults(func=run_compare)
 
+    embed = faces_sub.add_parser("embed", help="write the identity of one person's photo(s) to a file that "
+                                 "generate/eval take (--face id.npy)")
+    embed.add_argument("photos", nargs="+", metavar="PHOTO", help="photos or folders of photos of one person")
+    embed.add_argument("--out", type=Path, required=True, metavar="FILE", help="identity file: .npy or .safetensors")
+    embed.add_argument("--backend", default="arcface",
+                       help="face encoder; match the adapter's (default: arcface, the FaceID adapters' own)")
+    embed.add_argument("--select", type=_select, default="largest")
+    embed.add_argument("--outlier-threshold", type=float, default=None, metavar="SIM")
+    embed.add_argument("--reject-threshold", type=float, default=None, metavar="SIM")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    embed.set_defaults(func=run_embed)
+
 
 def _warn_lines(caught: list[warnings.WarningMessage]) -> None:
+    from ..messages import to_cli
+
     for w in caught:
-        sys.stderr.write(f"warning: {w.message}\n")
+        sys.stderr.write(f"warning: {to_cli(str(w.message))}\n")
 
 
 def _floats(arr: np.ndarray) -> list:
@@ -58,7 +72,7 @@ def _floats(arr: np.ndarray) -> list:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from . import get_backend
-    from .draw import draw_faces
+    from .draw import NO_FACE, draw_faces
     from .identity import choose_face, detect_faces
     from .io import describe, load_image
 
@@ -92,8 +106,52 @@ def run_inspect(args: argparse.Namespace) -> int:
         png = args.out / png_name
         draw_faces(img, faces, chosen).save(png)
         report["images"].append({"source": str(path), "width": int(img.shape[1]), "height": int(img.shape[0]),
+                                 "result": f"{len(faces)} face(s) found" if faces else NO_FACE,
                                  "faces": entries, "chosen": chosen, "drawing": str(png)})
+        if not faces:
+            sys.stderr.write(f"{path}: {NO_FACE} under {backend.name}\n")
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def verdict(backend: str, similarity: float) -> str:
+    """``same person: yes (0.9712 ≥ 0.92)`` at the backend's threshold (its outlier threshold)."""
+    from .identity import OUTLIER_THRESHOLDS
+
+    if backend not in OUTLIER_THRESHOLDS:
+        return "same person: no threshold known for this backend"
+    threshold = OUTLIER_THRESHOLDS[backend][0]
+    same = similarity >= threshold
+    return f"same person: {'yes' if same else 'no'} ({similarity:.4f} {'≥' if same else '<'} {threshold:.2f})"
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_path
+    from .identity import build_identity
+
+    suffix = args.out.suffix.lower()
+    if suffix not in (".npy", ".safetensors"):
+        raise FastFaceError(f"--out must end in .npy or .safetensors, got '{args.out}'")
+    if args.out.is_dir():
+        raise FastFaceError(f"--out '{args.out}' is a folder; give a file name ending in {suffix}")
+    if args.out.exists() and not args.overwrite:
+        raise FastFaceError(f"--out '{args.out}' exists; pass --overwrite to replace it")
+    identity = build_identity(args.photos, backend=args.backend, select=args.select,
+                              outlier_threshold=args.outlier_threshold, reject_threshold=args.reject_threshold)
+    keep = [i for i, name in enumerate(identity.sources) if name not in identity.outliers] or list(
+        range(len(identity.sources)))
+    rows = np.ascontiguousarray(identity.embeddings[keep], dtype=np.float32)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.out) as tmp:
+        if suffix == ".npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, rows)
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"embedding": rows}, str(tmp), metadata={"backend": identity.backend, "model": identity.model})
+    print(f"{args.out}: {rows.shape[0]} photo(s) of one person, {rows.shape[1]}-d {identity.backend} embeddings "
+          f"(use it with --face {args.out}; generate with an adapter trained on {identity.backend} embeddings)")
     return 0
 
 
@@ -111,7 +169,9 @@ def run_compare(args: argparse.Namespace) -> int:
         except (FastFaceError, ImportError, OSError) as exc:
             if args.backend:
                 raise
-            print(f"{name}: unavailable ({str(exc).splitlines()[0]})")
+            from ..messages import to_cli
+
+            print(f"{name}: unavailable ({to_cli(str(exc).splitlines()[0])})")
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -123,7 +183,8 @@ def run_compare(args: argparse.Namespace) -> int:
                     raise NoFaceError(f"no face found in '{path}' under {name}") from None
             ea, eb = embeddings
         _warn_lines(caught)
-        print(f"{name}: {float(np.dot(ea, eb)):.4f}")
+        similarity = float(np.dot(ea, eb))
+        print(f"{name}: {similarity:.4f}  {verdict(backend.name, similarity)}")
         compared += 1
     if compared == 0:
         raise FastFaceError("no face backend is available here; see `fastface doctor`")

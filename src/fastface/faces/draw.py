@@ -27,4 +27,24 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face], chosen: int | None = No
                 pen.point((float(x), float(y)), fill=(255, 255, 255))
         for (x, y), kc in zip(face.keypoints, KEYPOINT_COLOURS):
             pen.ellipse([x - radius, y - radius, x + radius, y + radius], fill=kc)
+    if not faces:
+        _banner(out, pen, NO_FACE)
     return out
+
+
+NO_FACE = "no face found"
+
+
+def _banner(image: Image.Image, pen: ImageDraw.ImageDraw, text: str) -> None:
+    """``text`` in white on a red band across the top, large enough to read on a thumbnail."""
+    from PIL import ImageFont
+
+    size = max(12, image.size[0] // 16)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the small bitmap font
+        font = ImageFont.load_default()
+    left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+    pad = max(4, size // 4)
+    pen.rectangle([0, 0, image.size[0], bottom - top + 2 * pad], fill=(200, 30, 30))
+    pen.text((pad, pad - top), text, fill=(255, 255, 255), font=font)

@@ -235,12 +235,14 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
         worst = int(np.argmin(sims))
         if sims[worst] < reject:
             raise InputError(f"{describe_name(names[worst])} does not look like the same person as the other "
-                             f"photos (similarity {sims[worst]:.2f} < {reject:.2f} under {be.name})")
+                             f"photos (similarity {sims[worst]:.4f} < {reject:.4f} under {be.name}); leave it "
+                             f"out, or pass reject_threshold={_below(sims[worst])} to use it anyway")
     outliers = [names[i] for i in range(len(rows)) if len(rows) > 1 and sims[i] < flag]
     for i in range(len(rows)):
         if names[i] in outliers:
-            warnings.warn(f"{describe_name(names[i])} may be a different person (similarity {sims[i]:.2f} "
-                          f"< {flag:.2f} to the other photos under {be.name}); left out of the mean",
+            warnings.warn(f"{describe_name(names[i])} may be a different person (similarity {sims[i]:.4f} "
+                          f"< {flag:.4f} to the other photos under {be.name}); left out of the mean "
+                          f"(pass outlier_threshold={_below(sims[i])} to keep it)",
                           UserWarning, stacklevel=2)
     keep = [i for i in range(len(rows)) if names[i] not in outliers] or list(range(len(rows)))
     mean = rows[keep].mean(axis=0)
@@ -248,6 +250,11 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
     return Identity(embedding=mean.astype(np.float32), embeddings=rows, backend=be.name, model=be.model_id,
                     crops=crops, keypoints=keypoints, sources=names, outliers=outliers,
                     similarities=[float(s) for s in sims], raw_embeddings=raw, image_sizes=sizes)
+
+
+def _below(value: float) -> str:
+    """A threshold just under ``value`` at the printed precision (so that passing it keeps the photo)."""
+    return f"{np.floor(float(value) * 1e4) / 1e4 - 1e-4:.4f}"
 
 
 def describe_name(name: str) -> str:

@@ -247,15 +247,15 @@ def resolve_pack(
 def _missing_error(
     pack: ModelPack, missing: list[ModelFile], model_dir: str | os.PathLike | None, source: str, cause: Exception
 ) -> MissingWeightsError:
-    from ..hub import is_offline
+    from ..hub import local_only, offline_reason
 
     target = Path(model_dir).expanduser() if model_dir is not None else insightface_dir(pack)
     names = ", ".join(spec.filename for spec in missing)
     searched = ", ".join(str(d) for d in search_roots(pack, model_dir))
     root = cause.__cause__ or cause
-    why = "offline (HF_HUB_OFFLINE=1)" if is_offline() else f"the hub could not be reached ({type(root).__name__})"
+    why = offline_reason() if local_only() else f"the download failed ({type(root).__name__})"
     return MissingWeightsError(
-        f"face model pack '{pack.name}' is missing {names}: put {names} into {target} "
-        f"(or pass model_dir= / set ${ENV_MODEL_DIR}); searched {searched}; "
-        f"not downloaded from hub repository '{source}': {why}"
+        f"face model pack '{pack.name}' is missing {names}: fetch them with `fastface download --face-pack "
+        f"{pack.name}` on a connected machine, or put {names} into {target} or set ${ENV_MODEL_DIR} "
+        f"(Python: model_dir=<folder>); searched {searched}; not downloaded from hub repository '{source}': {why}"
     )

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
+from ..provenance import install_hint
 
 TOKEN_ENV = "FASTFACE_TOKEN"
 
@@ -57,7 +58,7 @@ def require(module: str, extra: str, command: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"fastface {command} needs the [{extra}] extra ({module} is not installed): "
-                          f"pip install -e \".[{extra}]\" in a FastFace checkout")
+                          f"{install_hint('faces', extra)} (from a checkout: pip install -e \".[faces,{extra}]\")")
 
 
 def is_loopback(host: str) -> bool:
