@@ -47,8 +47,9 @@ from .errors import ConfigError, InputError
 from .faces.types import Identity
 from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
 from .guidance import combine as combine_branches
+from .placement import Placement, encode_sdxl_text, module_dtype
 from .presets import DEFAULT_METHOD, get_method, plain_cfg
-from .processors import CONTEXT_KEY, IPContext, install, make_am_kernel, uninstall
+from .processors import CONTEXT_KEY, CallContexts, install, installed, make_am_kernel, uninstall
 from .timing import synchronize
 
 # Which conditions each branch uses: (text, identity).
@@ -177,9 +178,21 @@ class FastFacePipeline:
         self._am_kernel_name = "lean"
         self._am_kernel = make_am_kernel(self._am_kernel_name)
         self._previous_processors = install(sdxl.unet) if adapter is not None else None
-        vae = sdxl.vae
+        # By layer name, read once (unet.attn_processors walks the UNet).
+        self._ip_processors = installed(sdxl.unet) if adapter is not None else {}
+        self._upcast_vae()
+        # Device and dtype, read once here (and by .to / enable_model_cpu_offload): diffusers'
+        # unet.device / unet.dtype walk every module of the UNet each time they are asked.
+        self._placement = Placement.of(sdxl)
+        self._version_cache: dict[str, str] | None = None
+        # The compiled UNet / VAE decode (see compile()); None: eager.
+        self._compiled: Any = None
+        self._compile_options: dict[str, Any] | None = None
+
+    def _upcast_vae(self) -> None:
+        vae = self.sdxl.vae
         # AutoencoderTiny and the fp16-fix VAE say force_upcast=False (or nothing): they stay in float16.
-        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        if module_dtype(vae) == torch.float16 and getattr(vae.config, "force_upcast", False):
             # The SDXL VAE overflows in float16. diffusers casts it up and back down around every
             # decode; keeping it in float32 once costs ~160 MB and leaves no cast inside calls.
             vae.to(torch.float32)
@@ -201,6 +214,7 @@ class FastFacePipeline:
         vae: str | os.PathLike | None = None,
         vae_tiling: bool = False,
         cpu_offload: bool = False,
+        compile: bool = False,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
 
@@ -215,7 +229,10 @@ class FastFacePipeline:
         memory independent of the image size; no effect on images smaller than one tile).
         ``cpu_offload`` keeps every model on the CPU and moves each to ``device`` (a CUDA device)
         only while it runs (diffusers' model CPU offload): slower, far less GPU memory.
+        ``compile`` fuses the LoRAs and compiles the UNet and VAE decode (see :meth:`compile`).
         """
+        if compile and cpu_offload:
+            raise ConfigError("compile and cpu_offload cannot be combined")
         spec = get_backbone(backbone)
         if adapter is not None:
             from .adapters import get_adapter
@@ -242,15 +259,71 @@ class FastFacePipeline:
         pipe.set_vae_tiling(vae_tiling)
         if cpu_offload:
             pipe.enable_model_cpu_offload(device)
+        if compile:
+            pipe.compile()
         return pipe
 
     @property
     def device(self) -> torch.device:
         """Where the models run: the UNet's device, or the accelerator of CPU offload (diffusers'
         ``_execution_device``: the offloaded weights themselves rest on the CPU)."""
+        return self._placement.device
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FastFacePipeline:
+        """Move (and/or cast) every model of the pipeline; returns the pipeline.
+
+        Use this rather than ``pipe.sdxl.to``: the pipeline reads its device and dtype once, here.
+        """
         if self._offload_device is not None:
-            return self._offload_device
-        return self.sdxl.unet.device
+            raise ConfigError("the pipeline uses model CPU offload: its models move by themselves")
+        target = torch.device(device) if device is not None else None
+        self.sdxl.to(device=target, dtype=dtype)
+        if self.adapter is not None:
+            self.adapter.projection.to(device=target, dtype=dtype)
+        self._upcast_vae()
+        self._placement = Placement.of(self.sdxl)
+        if self._compile_options is not None:  # compiled code is specialised to a device: start again
+            self._compiled = self._make_compiled(**self._compile_options)
+        return self
+
+    # -- the compiled path ---------------------------------------------------------------------------
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the UNet and the VAE decode run compiled (see :meth:`compile`)."""
+        return self._compiled is not None
+
+    def compile(self, *, mode: str | None = ..., backend: str = "inductor", strict: bool = False,
+                lora_scale: float = 1.0) -> None:
+        """Compile the UNet and the VAE decode (``torch.compile``) for every later call.
+
+        The LoRAs are fused first (at ``lora_scale`` for the adapter's, unless already fused) and
+        scale-power AM switches to the fused kernel, whose numbers reach the graph as tensors: the
+        adapter scale and AM scale can change between calls without recompiling. ``mode``: default
+        ``"reduce-overhead"`` (CUDA graphs) on CUDA, inductor's default elsewhere; ``backend``
+        "aot_eager"/"eager" compile without code generation. A compile beyond the expected set (one
+        graph per batch-of-1 and one for every other batch, per resolution) warns, or raises with
+        ``strict``; see :mod:`fastface.compiled` and :meth:`compile_report`.
+        """
+        from .compiled import default_mode
+
+        if self._offload_device is not None:
+            raise ConfigError("compile and cpu_offload cannot be combined")
+        if self._fused_loras is None:
+            self.fuse_loras(lora_scale)
+        self.set_am_kernel("fused")
+        options = {"mode": default_mode(self.device) if mode is ... else mode, "backend": backend, "strict": strict}
+        self._compiled = self._make_compiled(**options)
+        self._compile_options = options
+
+    def _make_compiled(self, **options: Any) -> Any:
+        from .compiled import CompiledModels
+
+        return CompiledModels(self.sdxl.unet, self.sdxl.vae, **options)
+
+    def compile_report(self) -> dict[str, Any] | None:
+        """Backend, mode and every graph compiled so far per model (None when not compiled)."""
+        return None if self._compiled is None else self._compiled.describe()
 
     # -- memory options ------------------------------------------------------------------------------
 
@@ -269,12 +342,15 @@ class FastFacePipeline:
         target = torch.device(device) if device is not None else default_device()
         if target.type != "cuda":
             raise ConfigError(f"cpu_offload needs a CUDA device (got {target})")
+        if self._compiled is not None:
+            raise ConfigError("compile and cpu_offload cannot be combined")
         if target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
         self.sdxl.enable_model_cpu_offload(device=target)
         if self.adapter is not None:
             self.adapter.projection.to(target)
         self._offload_device = target
+        self._placement = Placement(target, self._placement.dtype)
 
     @property
     def vae_tiling(self) -> bool:
@@ -302,7 +378,8 @@ class FastFacePipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.sdxl.unet.dtype
+        """The dtype the UNet computes in."""
+        return self._placement.dtype
 
     @property
     def lora_weights(self) -> dict[str, float]:
@@ -368,6 +445,7 @@ class FastFacePipeline:
             uninstall(self.sdxl.unet, self._previous_processors)
             self.sdxl.unload_ip_adapter()
             self._previous_processors = None
+            self._ip_processors = {}
         if self.adapter is not None and ID_LORA_ADAPTER in (getattr(self.sdxl.unet, "peft_config", None) or {}):
             with warnings.catch_warnings():
                 # PEFT says which adapter it activates instead; the backbone's are re-set below.
@@ -399,23 +477,20 @@ class FastFacePipeline:
             if len(negatives) != len(prompts):
                 raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         with torch.no_grad():
-            cond, _, pooled, _ = self.sdxl.encode_prompt(
-                prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
+            cond, pooled = self._encode_text(prompts)
             if negative_prompt is None:
                 # METHOD §2: the null text is all-zero token and pooled embeddings.
                 null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
             else:
-                null, _, null_pooled, _ = self.sdxl.encode_prompt(
-                    prompt=[n or "" for n in negatives],
-                    device=self.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=False,
-                )
+                null, null_pooled = self._encode_text([n or "" for n in negatives])
         dtype = self.dtype
         return PromptEmbeds(
             tuple(prompts), tuple(negatives), cond.to(dtype), pooled.to(dtype), null.to(dtype), null_pooled.to(dtype)
         )
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # diffusers' encode_prompt, without asking each text encoder where it runs (a module walk).
+        return encode_sdxl_text(self.sdxl, prompts, self.device)
 
     def encode_identity(
         self, face: Any, *, mode: str = "mean", backend: str | None = None
@@ -560,6 +635,7 @@ class FastFacePipeline:
         timings = {
             "identity": (t_prompt - t_identity) * 1000,
             "prompt": (t_setup - t_prompt) * 1000,
+            "setup": (t_loop - t_setup) * 1000,
             "denoise": (t_decode - t_loop) * 1000,
             "decode": (end - t_decode) * 1000,
             "total": (end - start) * 1000,
@@ -728,6 +804,11 @@ class FastFacePipeline:
             }
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
         cache: dict[tuple, tuple] = {}
+        contexts = None
+        if ident is not None:
+            contexts = CallContexts(
+                self._ip_processors, ip_scale, am, kernel=self._am_kernel_name, am_kernel=self._am_kernel, device=device
+            )
         result = []
         for plan in plans:
             # Without an adapter the identity condition does not exist: "id" is "null", "full" is
@@ -754,12 +835,8 @@ class FastFacePipeline:
                 cache[signature] = (states, added, id_tokens)
             states, added, id_tokens = cache[signature]
             kwargs = None
-            if id_tokens is not None:
-                kwargs = {
-                    CONTEXT_KEY: IPContext(
-                        tokens=id_tokens, scale=ip_scale, step=plan.step, attention=am, am_kernel=self._am_kernel
-                    )
-                }
+            if id_tokens is not None and contexts is not None:
+                kwargs = {CONTEXT_KEY: contexts.context(id_tokens, plan.step)}
             result.append(_StepInputs(plan, branch_rows, len(conditions), states, added, kwargs))
         return result
 
@@ -778,7 +855,7 @@ class FastFacePipeline:
         callback: Callable[[int, torch.Tensor], None] | None,
         progress: bool,
     ) -> torch.Tensor:
-        unet = self.sdxl.unet
+        unet = self.sdxl.unet if self._compiled is None else self._compiled.unet
         bar = tqdm(total=len(inputs), desc=f"fastface {self.backbone.name}", disable=not progress, leave=False)
         try:
             with torch.no_grad():
@@ -822,7 +899,7 @@ class FastFacePipeline:
             # As diffusers' SDXL pipeline: the KL VAEs undo their scaling (and per-channel
             # statistics where the config has them); AutoencoderTiny has neither statistics nor
             # upcast, its scaling_factor is 1 and its decoder outputs [-1, 1] like the KL decoder.
-            z = latents.to(vae.dtype)
+            z = latents.to(module_dtype(vae))
             mean = getattr(vae.config, "latents_mean", None)
             std = getattr(vae.config, "latents_std", None)
             if mean is not None and std is not None:
@@ -831,7 +908,10 @@ class FastFacePipeline:
                 z = z * std_t / vae.config.scaling_factor + mean_t
             else:
                 z = z / vae.config.scaling_factor
-            image = vae.decode(z, return_dict=False)[0]
+            if self._compiled is not None and self._compiled.vae is vae:
+                image = self._compiled.decode(z)
+            else:  # eager, or a VAE put in after compile()
+                image = vae.decode(z, return_dict=False)[0]
         watermark = getattr(self.sdxl, "watermark", None)
         if watermark is not None:
             image = watermark.apply_watermark(image)
@@ -849,6 +929,12 @@ class FastFacePipeline:
             backend = str(tokens.info.get("backend"))
             licence["face_model"] = _face_licence(backend) or f"see the '{backend}' face backend's licence"
         return licence
+
+    def _version_info(self) -> dict[str, str]:
+        # importlib.metadata scans the installed distributions: once per pipeline, not per call.
+        if self._version_cache is None:
+            self._version_cache = _versions()
+        return dict(self._version_cache)
 
     def _metadata(
         self,
@@ -896,7 +982,8 @@ class FastFacePipeline:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "memory": self.memory_options(),
-            "versions": _versions(),
+            "compiled": self.compile_report(),
+            "versions": self._version_info(),
             "licence": self._licences(tokens),
         }
         result = []

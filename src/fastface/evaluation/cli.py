@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     grid = Grid(seeds=args.seeds, split=args.split, limit=args.limit)
     summary = run_grid(config, args.dataset, args.run_dir, grid, device=args.device,
                        command=["fastface", *sys.argv[1:]], progress=not args.no_progress,
-                       cpu_offload=args.cpu_offload)
+                       cpu_offload=args.cpu_offload, compile=bool(getattr(args, "compile", False)))
     where = "" if summary.world == 1 else f" (rank {summary.rank} of {summary.world}: {summary.assigned} samples)"
     print(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done, "
           f"{summary.total} in the grid{where}; {summary.seconds:.1f} s")

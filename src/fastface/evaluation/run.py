@@ -91,10 +91,10 @@ class RunConfig:
         data["lora"] = list(self.lora)
         return data
 
-    def namespace(self, device: str = "auto", cpu_offload: bool = False) -> argparse.Namespace:
+    def namespace(self, device: str = "auto", cpu_offload: bool = False, compile: bool = False) -> argparse.Namespace:
         """The options as ``fastface generate`` parses them, for the engine's own checks and loaders."""
         return argparse.Namespace(**{**asdict(self), "lora": list(self.lora), "device": device,
-                                     "cpu_offload": cpu_offload})
+                                     "cpu_offload": cpu_offload, "compile": compile})
 
     @staticmethod
     def option(field_name: str) -> str:
@@ -476,7 +476,7 @@ def _device_for_rank(device: str | None) -> str:
 
 def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, grid: Grid | None = None, *,
              device: str | None = None, command: Sequence[str] | None = None, progress: bool = True,
-             manifest_timeout_s: float = 600.0, cpu_offload: bool = False) -> RunSummary:
+             manifest_timeout_s: float = 600.0, cpu_offload: bool = False, compile: bool = False) -> RunSummary:
     """Generate the missing samples of this process's share of the grid into ``run_dir``."""
     from tqdm.auto import tqdm
 
@@ -532,7 +532,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    pipe = commands.load_pipeline(config.namespace(_device_for_rank(device), cpu_offload), resolved)
+    pipe = commands.load_pipeline(config.namespace(_device_for_rank(device), cpu_offload, compile), resolved)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)
     tokens_by_identity: dict[str, Any] = {}
