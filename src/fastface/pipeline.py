@@ -807,7 +807,8 @@ class FastFacePipeline:
         contexts = None
         if ident is not None:
             contexts = CallContexts(
-                self._ip_processors, ip_scale, am, kernel=self._am_kernel_name, am_kernel=self._am_kernel, device=device
+                self._ip_processors, ip_scale, am, kernel=self._am_kernel_name, am_kernel=self._am_kernel,
+                device=device, project=self._offload_device is None,
             )
         result = []
         for plan in plans:

@@ -301,7 +301,8 @@ class CallContexts:
     ``processors``: the FastFace processors by layer name (see :func:`installed`; cached by the
     pipeline, since ``unet.attn_processors`` walks the UNet). For each distinct stack of identity
     tokens (the engine reuses one tensor per branch combination) every layer's identity keys and
-    values are projected once, not once per step; λ and the scale-power parameters become 0-d
+    values are projected once, not once per step (``project=False``: inside each UNet call, as
+    under model CPU offload, where those weights reach the GPU only during the UNet's forward); λ and the scale-power parameters become 0-d
     tensors on ``device``; whether a part's AM runs the fused kernel at a step is decided here,
     from the Python numbers, before the loop (the cap cannot bind while s ≤ cap).
     """
@@ -315,6 +316,7 @@ class CallContexts:
         kernel: str = "lean",
         am_kernel: Callable[..., torch.Tensor] | None = None,
         device: torch.device | str | None = None,
+        project: bool = True,
     ) -> None:
         if kernel not in AM_KERNELS:
             raise ConfigError(f"am kernel must be one of {', '.join(AM_KERNELS)}; got {kernel!r}")
@@ -322,6 +324,8 @@ class CallContexts:
         self.scale = float(scale)
         self.attention = attention
         self.kernel = kernel
+        # False under model CPU offload: the K/V weights reach the GPU only inside the UNet's forward.
+        self.project = project
         # The per-layer function of the parts the fused kernel does not take (a cap that binds):
         # the given one (the pipeline's, compiled once), else the lean kernel.
         self._am_kernel = am_kernel if am_kernel is not None or kernel == "reference" else scale_power_attention
@@ -357,5 +361,5 @@ class CallContexts:
         fused = tuple(part for part in self._fusable if am is not None and am.targets(part, step))
         return IPContext(
             tokens=tokens, scale=self.scale, step=step, attention=am, am_kernel=self._am_kernel,
-            kv=self._kv(tokens), values=self.values, fused=fused,
+            kv=self._kv(tokens) if self.project else None, values=self.values, fused=fused,
         )
