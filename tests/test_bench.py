@@ -34,7 +34,7 @@ def tiny_report(tmp_path_factory):
         "--variants", "none,fastface,fastface-guided,naive,fastface-unfused,naive-planned", "--host-stages", "1",
         "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=480)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # strict JSON: no NaN/Infinity literals
     report = json.loads((out / "bench.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))

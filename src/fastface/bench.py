@@ -111,7 +111,7 @@ class BenchOptions:
     sync_check: bool = False
     like: str = "hyper-4"
     am_pairs: int = 0
-    am_kernel: str = "lean"
+    am_kernel: str = "fused"
     compare_options: tuple[str, ...] = ()
     vae_compare: bool = False
     progress: bool = True
@@ -816,8 +816,9 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every requested variant; returns the report (see :func:`format_markdown`).
 
-    ``checkpoint(report)`` receives the report measured so far before the (slow) speed-option
-    stages start, so that a run stopped during compilation still leaves its table.
+    ``checkpoint(report)`` receives the report measured so far after the main table, after each
+    extra measurement and after each speed-option row, so that a run stopped (a timeout during
+    compilation) still leaves what it measured.
     """
     import torch
 
@@ -903,25 +904,6 @@ def run_benchmark(
     applied = apply_speed_options(pipe, options)
     run_group(rest, state)
     extras: dict[str, Any] = {}
-    if options.am_pairs:
-        try:
-            extras["paired_unet_call"] = am_step_overhead(pipe, identity, height, width, options.am_pairs, options.seed)
-        except Exception as exc:  # the rest of the report stands without it
-            extras["paired_unet_call"] = {"error": f"{type(exc).__name__}: {exc}"}
-    if options.host_stages:
-        try:
-            extras["host_stages"] = host_stage_times(pipe, identity, options, steps, height, width, options.host_stages)
-        except Exception as exc:  # the rest of the report stands without it
-            extras["host_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
-            log(f"host stages failed: {extras['host_stages']['error']}")
-    if options.sync_check:
-        extras["sync_check"] = _sync_check(pipe, identity, options, steps, height, width, device)
-    if options.vae_compare:
-        if options.backbone != FULLSIZE or not outputs:
-            extras["vae_decode"] = {"skipped": "needs the fullsize backbone and one successful variant"}
-        else:
-            latents = next(iter(outputs.values()))[0]
-            extras["vae_decode"] = vae_decode_comparison(pipe, latents, options.repeats, device, log)
 
     def report() -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -950,6 +932,34 @@ def run_benchmark(
         out["compile_reports"] = compile_reports
         out["option_deviation"] = _option_deviation(outputs)
         return out
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint(report())  # a run stopped later still leaves what is measured so far
+
+    save()
+    if options.am_pairs:
+        try:
+            extras["paired_unet_call"] = am_step_overhead(pipe, identity, height, width, options.am_pairs, options.seed)
+        except Exception as exc:  # the rest of the report stands without it
+            extras["paired_unet_call"] = {"error": f"{type(exc).__name__}: {exc}"}
+        save()
+    if options.host_stages:
+        try:
+            extras["host_stages"] = host_stage_times(pipe, identity, options, steps, height, width, options.host_stages)
+        except Exception as exc:  # the rest of the report stands without it
+            extras["host_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"host stages failed: {extras['host_stages']['error']}")
+        save()
+    if options.sync_check:
+        extras["sync_check"] = _sync_check(pipe, identity, options, steps, height, width, device)
+    if options.vae_compare:
+        if options.backbone != FULLSIZE or not outputs:
+            extras["vae_decode"] = {"skipped": "needs the fullsize backbone and one successful variant"}
+        else:
+            latents = next(iter(outputs.values()))[0]
+            extras["vae_decode"] = vae_decode_comparison(pipe, latents, options.repeats, device, log)
+
 
     if options.compare_options:
         if checkpoint is not None:
@@ -1317,7 +1327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8", action="store_true", help="FP8 linear layers in the fused UNet (CUDA, Hopper+)")
     parser.add_argument("--host-stages", type=int, default=0, metavar="N",
                         help="also time the host set-up per stage, cached vs legacy placement, N rounds")
-    parser.add_argument("--am-kernel", default="lean", choices=("reference", "lean", "compiled", "fused"),
+    parser.add_argument("--am-kernel", default="fused", choices=("reference", "lean", "compiled", "fused"),
                         help="implementation of scale-power AM used in the table")
     parser.add_argument("--compare-options", default="", metavar="LIST",
                         help=f"after the table, re-time none/fastface adding each of these in turn: {','.join(SPEED_OPTIONS)}")

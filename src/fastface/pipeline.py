@@ -175,7 +175,9 @@ class FastFacePipeline:
         self._applied_loras: dict[str, float] | None = None
         # Weights the LoRAs were merged into the UNet with (None: unfused, set per call).
         self._fused_loras: dict[str, float] | None = None
-        self._am_kernel_name = "lean"
+        # Fused: exact (1e-5), float-free for the compiled path, and on the CPU (bf16, SDXL shapes,
+        # benchmarks/am_kernels.py) 2.0-2.4x faster than the lean kernel; see benchmarks/RESULTS.md.
+        self._am_kernel_name = "fused"
         self._am_kernel = make_am_kernel(self._am_kernel_name)
         self._previous_processors = install(sdxl.unet) if adapter is not None else None
         # By layer name, read once (unet.attn_processors walks the UNet).
@@ -399,7 +401,7 @@ class FastFacePipeline:
 
     @property
     def am_kernel(self) -> str:
-        """How scale-power AM is computed: "lean" (default), "reference" or "compiled" (see processors)."""
+        """How scale-power AM is computed: "fused" (default), "lean", "reference" or "compiled" (see processors)."""
         return self._am_kernel_name
 
     def set_am_kernel(self, kind: str) -> None:

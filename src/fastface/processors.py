@@ -313,7 +313,7 @@ class CallContexts:
         scale: float,
         attention: AttentionManipulation | None,
         *,
-        kernel: str = "lean",
+        kernel: str = "fused",
         am_kernel: Callable[..., torch.Tensor] | None = None,
         device: torch.device | str | None = None,
         project: bool = True,
