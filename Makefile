@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,23 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[faces,eval,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[faces,eval,ui,serve,ray,test]"
 	touch $@
 
 install: $(VENV)/.installed
 
+# The UI tests drive Debian's chromium through Playwright (Playwright's own browser download is not
+# reachable from CI). Installed once; skipped when a chromium is already there or apt is not usable.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	    else echo "note: no chromium and no root apt-get: the browser tests will be skipped"; fi; }
+
 demo: install
 	$(BIN)/fastface demo --out out/demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 lint: install

@@ -35,8 +35,9 @@ def test_registry():
     assert "non-commercial" in faceid.licence[0]
     tiny = spec_for_backbone("faceid-plusv2", "tiny")
     assert (tiny.embedding_dim, tiny.face_backend, tiny.weight_name) == (128, "dlib", FACEID_PLUS_FILE)
-    with pytest.raises(ConfigError, match="unknown adapter 'instantid'.*faceid, faceid-plusv2"):
-        get_adapter("instantid")
+    with pytest.raises(ConfigError, match="unknown adapter 'pulid'.*faceid, faceid-plusv2, plus-face, "
+                       "faceid-portrait, faceid-portrait-unnorm, instantid"):
+        get_adapter("pulid")
 
 
 def test_missing_adapter_offline_names_repo_and_file(tiny_dir):
@@ -110,3 +111,11 @@ def test_faceid_plus_needs_crops_and_uses_them(tiny_dir):
     assert (first.cond - second.cond).abs().max() > 1e-4  # the crop reaches the tokens
     torch.testing.assert_close(first.null, second.null)  # the null identity does not depend on it
     assert pipe.image_encoder is adapter.image_encoder
+
+
+def test_damaged_safetensors_checkpoint_is_one_clear_error(loaded, tmp_path):
+    pipe, _ = loaded
+    bad = tmp_path / "adapter.safetensors"
+    bad.write_bytes(b"\xff" * 8 + b"not a header")  # a header length far beyond the file
+    with pytest.raises(InputError, match=r"cannot read adapter checkpoint '.*adapter.safetensors'"):
+        load_adapter(pipe, "faceid", backbone="tiny", path=bad)

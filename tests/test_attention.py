@@ -183,8 +183,20 @@ def test_softmask_token_targeting(tokens):
 
 def test_softmask_several_photos_inverts_first_token_of_each():
     q, k, v = qkv(7, S=8)
-    got = manipulated_ip_attention(q, k, v, AttentionManipulation.softmask(), "down", 1)
+    got = manipulated_ip_attention(q, k, v, AttentionManipulation.softmask(), "down", 1, tokens_per_photo=4)
     close(got, ref_softmask_attention(q, k, v, 5.0, 1.55, 0.65, 0.7, inverted=(0, 4)))
+
+
+def test_softmask_photo_size_comes_from_the_adapter_not_a_constant():
+    # 16-token adapters (Plus-Face, Portrait, InstantID): two photos invert tokens 0 and 16; without a
+    # photo size the whole axis is one photo (token 0 only).
+    q, k, v = qkv(7, S=32)
+    am = AttentionManipulation.softmask()
+    got = manipulated_ip_attention(q, k, v, am, "down", 1, tokens_per_photo=16)
+    close(got, ref_softmask_attention(q, k, v, 5.0, 1.55, 0.65, 0.7, inverted=(0, 16)))
+    close(manipulated_ip_attention(q, k, v, am, "down", 1), ref_softmask_attention(q, k, v, 5.0, 1.55, 0.65, 0.7))
+    with pytest.raises(ConfigError, match="32 identity tokens are not whole photos of 5 tokens"):
+        manipulated_ip_attention(q, k, v, am, "down", 1, tokens_per_photo=5)
 
 
 def test_softmask_per_part_parameters():

@@ -142,4 +142,17 @@ def test_markdown_marks_failed_variants():
         "ratios_vs_none": {}, "am_overhead": {}, "rescale_deviation": None, "floor": None,
     }
     text = format_markdown(report)
-    assert "| naive | unfused | – | – | failed: RuntimeError: boom |" in text
+    assert "| naive | unfused | – | – | – | failed: RuntimeError: boom |" in text
+
+
+def test_instantid_reports_its_controlnet_evaluations(tiny_dir):
+    """InstantID adds one IdentityNet evaluation per UNet sample-evaluation: the bench reports both."""
+    from fastface.bench import BenchOptions, format_markdown, run_benchmark
+
+    options = BenchOptions(backbone="tiny", adapter="instantid", steps=4, repeats=1, warmup=0,
+                           variants=("none", "fastface"), device="cpu")
+    report = run_benchmark(options, log=lambda line: None)
+    rows = report["results"]
+    assert (rows["fastface"]["evaluations"], rows["fastface"]["controlnet_evaluations"]) == (10, 10)
+    assert (rows["none"]["evaluations"], rows["none"]["controlnet_evaluations"]) == (4, 4)
+    assert "| UNet evals | ControlNet evals |" in format_markdown(report)

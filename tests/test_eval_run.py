@@ -217,3 +217,138 @@ def test_scoring_split_over_two_processes_equals_one(straight, tmp_path):
     assert len(one["samples"]) == N_SAMPLES and one["samples"] == two["samples"]
     assert one["metrics"] == two["metrics"]
     assert _temporaries(runs["two"]) == []
+
+
+# --- a run counts only what it verified; one writer per folder; a full disk ---------------------
+
+def _copy_run(straight: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(straight, to, ignore=shutil.ignore_patterns("scores", "scores.*", ".lock"))
+    return to
+
+
+def _run(run_dir: Path, smoke: Path, *extra: str) -> subprocess.CompletedProcess:
+    return fastface_cli("eval", "run", "--dataset", str(smoke), "--run-dir", str(run_dir), *GRID, *extra)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
+def test_score_and_report_count_only_verified_samples(straight, tmp_path):
+    run_dir = _copy_run(straight, tmp_path / "scored")
+    options = ["--metrics", "cost", "--no-progress"]
+    assert fastface_cli("eval", "score", "--run-dir", str(run_dir), *options).returncode == 0
+    images = sorted((run_dir / "images").glob("*.png"))
+    swapped, truncated, deleted = images[0], images[2], images[3]
+    swapped.write_bytes(images[1].read_bytes())
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    deleted.unlink()
+
+    # The report of the old scores draws the damaged images as marked blanks; it does not crash.
+    report = fastface_cli("eval", "report", str(run_dir), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr[-2000:]
+
+    scored = fastface_cli("eval", "score", "--run-dir", str(run_dir), *options)
+    line = _error_line(scored)
+    assert "3 damaged samples" in line and "eval run" in line
+    for image in (swapped, truncated, deleted):
+        assert image.stem in line
+    table = json.loads((run_dir / "scores.json").read_text())
+    assert len(table["samples"]) == N_SAMPLES - 3
+    assert {swapped.stem, truncated.stem, deleted.stem} == set(table["damaged"])
+    assert not {swapped.stem, truncated.stem, deleted.stem} & {row["sample"] for row in table["samples"]}
+
+    scores_text = (run_dir / "scores.json").read_text()
+    (run_dir / "scores.json").write_text('{"format": "fastface-eval-scores/1", "metr')
+    line = _error_line(fastface_cli("eval", "report", str(run_dir), "--out", str(tmp_path / "report")))
+    assert "scores.json" in line and "eval score" in line
+    (run_dir / "scores.json").write_text(scores_text)
+    sorted((run_dir / "records").glob("*.json"))[-1].write_text("{}")
+    line = _error_line(fastface_cli("eval", "report", str(run_dir), "--out", str(tmp_path / "report")))
+    assert "records/" in line and "lacks sample" in line
+
+
+def test_resume_repairs_damaged_samples_and_a_second_writer_is_refused_meanwhile(straight, smoke, tmp_path):
+    """The resume verifies what it counts as done and regenerates the damaged samples (swapped,
+    truncated, deleted images; torn, empty and `{}` records). Frozen by SIGSTOP in the middle of
+    its writes, it still owns its folder: a second run and a scorer are refused at once, naming it,
+    and touch nothing; resumed, it finishes byte-identical to a straight run."""
+    run_dir = _copy_run(straight, tmp_path / "damaged")
+    images = sorted((run_dir / "images").glob("*.png"))
+    records = sorted((run_dir / "records").glob("*.json"))
+    a_bytes, b_bytes = images[9].read_bytes(), images[10].read_bytes()
+    images[9].write_bytes(b_bytes)
+    images[10].write_bytes(a_bytes)  # swapped
+    images[11].write_bytes(images[11].read_bytes()[:300])  # truncated
+    images[12].unlink()  # deleted
+    records[13].write_text("{\"sample\": \"garbage")  # a torn record
+    records[14].write_text("{}")
+    records[15].write_text("")
+    damaged_at = records[9].stat().st_mtime_ns
+    cmd = [sys.executable, "-m", "fastface.cli", "eval", "run", "--dataset", str(smoke), "--run-dir", str(run_dir), *GRID]
+    first = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        # Canonical order: the first repaired sample is images[9]; stop the run right after it.
+        while time.monotonic() < deadline and not (records[9].is_file() and records[9].stat().st_mtime_ns != damaged_at):
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+        for second in (_run(run_dir, smoke), fastface_cli("eval", "score", "--run-dir", str(run_dir),
+                                                          "--metrics", "cost", "--no-progress")):
+            line = _error_line(second)
+            assert f"process {first.pid} on {socket.gethostname()}" in line and "stopped" in line
+        after = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+        assert after == before  # not one file touched (nor a temporary of the first removed)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err[-2000:]
+    assert f"7 generated, {N_SAMPLES - 7} already done, 7 repaired" in out
+    warning = [line for line in err.splitlines() if line.startswith("warning: regenerated")]
+    assert len(warning) == 1 and images[9].stem in warning[0] and "image differs from its record" in warning[0]
+    assert _files(run_dir) == _files(straight) and _temporaries(run_dir) == []  # every sample back, byte for byte
+
+
+def test_full_disk_is_one_line_and_resume_completes_the_run(straight, smoke, tmp_path):
+    """On a real 3 MB tmpfs: a run that fills it stops with one line, nothing half-written counted;
+    with space freed, the resume ends byte-identical to a straight run. Scoring and the report on a
+    full disk are one line too."""
+    from disk_helpers import fill, tmpfs
+
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        filler = fill(disk, 100_000)  # room for a few samples out of 16
+        run_dir = disk / "run"
+        line = _error_line(_run(run_dir, smoke))
+        assert line.startswith("error: no space left on device while writing ") and "rerun to resume" in line
+        done = len(list((run_dir / "records").glob("*.json")))
+        assert 0 < done < N_SAMPLES
+        assert _temporaries(run_dir) == [] and not list(run_dir.rglob(".*.tmp*"))
+        for name, data in _files(run_dir).items():
+            if (run_dir / "records" / name.replace(".png", ".json")).is_file():
+                assert data == _files(straight)[name]  # each sample counted as done is whole
+
+        filler.unlink()
+        resumed = _run(run_dir, smoke)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"{N_SAMPLES - done} generated, {done} already done, 0 repaired" in resumed.stdout
+        assert _files(run_dir) == _files(straight)
+
+        scored = fastface_cli("eval", "score", "--run-dir", str(run_dir), "--metrics", "cost", "--no-progress")
+        assert scored.returncode == 0, scored.stderr[-2000:]
+        fill(disk, 2_000)  # room for the report's folder, not for its pictures
+        assert "no space left on device" in _error_line(
+            fastface_cli("eval", "report", str(run_dir), "--out", str(disk / "report")))
+        assert not [p for p in (disk / "report").iterdir() if p.suffix in (".png", ".json", ".html", ".csv")]
+        fill(disk / "report", 0)
+        assert "no space left on device" in _error_line(
+            fastface_cli("eval", "score", "--run-dir", str(run_dir), "--metrics", "cost", "--no-progress"))
+        assert json.loads((run_dir / "scores.json").read_text())["samples"]  # the old table is whole
+        assert not list(disk.rglob(".tmp-*")) and not list(disk.rglob(".*.tmp*"))

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from eval_helpers import make_aesthetic_head, make_tiny_clip
+from fastface.errors import InputError
 from fastface.evaluation import metrics as M
 from fastface.evaluation.dataset import load_dataset, write_smoke_dataset
 from fastface.evaluation.report import aggregate, bootstrap_ci
@@ -155,3 +156,18 @@ def test_score_refuses_an_identity_reference_run(photo_run):
         score_run(photo_run, ScoreOptions(metrics=("cost",), reference_run=photo_run), progress=False)
     records = json.loads((photo_run / "records" / "face.json").read_text())
     assert records["unet_evaluations"] == 10
+
+
+def test_a_truncated_or_swapped_image_is_not_scored_and_its_cache_not_reused(photo_run, clip_dir):
+    options = ScoreOptions(metrics=("clip", "cost"), clip_models=(str(clip_dir),))
+    first = {r["sample"]: r for r in score_run(photo_run, options, progress=False)["samples"]}
+    assert "clip_t.tiny-clip" in first["face"] and (photo_run / "scores" / "face.clip-tiny-clip.json").is_file()
+    face = photo_run / "images" / "face.png"
+    face.write_bytes(face.read_bytes()[:1000])  # truncated: the record's sha256 no longer matches
+    again = score_run(photo_run, options, progress=False)
+    assert [r["sample"] for r in again["samples"]] == ["noise"]  # the cached values of "face" are not used
+    assert set(again["damaged"]) == {"face"} and "image differs from its record" in again["damaged"]["face"]
+    (photo_run / "images" / "noise.png").rename(face)  # moved over: a whole image, of the wrong sample
+    with pytest.raises(InputError, match="nothing to score: 2 damaged samples") as error:
+        score_run(photo_run, options, progress=False)
+    assert "records/face.json: image differs" in str(error.value) and "records/noise.json: image missing" in str(error.value)

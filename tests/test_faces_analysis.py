@@ -209,6 +209,12 @@ def test_second_run_hits_the_cache(astronaut, tmp_path):
     assert (cache.hits, backend.detect_calls) == (2, 2)
     assert np.array_equal(first.embeddings, second.embeddings)
     assert np.array_equal(first.keypoints[1], second.keypoints[1])
+    # dlib exposes its raw descriptor: kept (as embedding × norm) through the cache
+    assert first.raw_embeddings is not None and np.array_equal(first.raw_embeddings, second.raw_embeddings)
+    img = np.asarray(Image.open(paths[0]).convert("RGB"))
+    face = backend.detect(img)[0]
+    np.testing.assert_allclose(first.raw_embeddings[0], backend.embed_raw(img, face), rtol=1e-5, atol=1e-6)
+    assert first.image_sizes[0] == (img.shape[1], img.shape[0])
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
     other = EmbeddingCache(tmp_path / "cache")
     build_identity(paths[0], backend, select=0, cache=other, progress=False)  # another key: recomputed
@@ -265,3 +271,13 @@ def test_dlib_cnn_detector_with_five_point_landmarks(dlib_backend, astronaut):
     eye_distance = float(np.linalg.norm(reference.keypoints[1] - reference.keypoints[0]))
     assert np.abs(face.keypoints[3:] - reference.keypoints[3:]).max() < 0.5 * eye_distance
     assert float(face.embedding @ reference.embedding) > 0.97
+
+
+def test_pose_from_photo_gives_keypoints_and_size(dlib_backend, astronaut):
+    from fastface.faces import pose_from_photo
+
+    pose = pose_from_photo(astronaut, dlib_backend)
+    assert pose.size == (astronaut.shape[1], astronaut.shape[0])
+    np.testing.assert_allclose(pose.keypoints, analyze(astronaut, dlib_backend).keypoints)
+    with pytest.raises(NoFaceError, match="pose photo"):
+        pose_from_photo(skimage.data.chelsea(), dlib_backend)

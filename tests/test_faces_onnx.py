@@ -94,12 +94,12 @@ def make_arcface(path: Path, weights: np.ndarray, batch="N") -> Path:
     return _save(graph, path)
 
 
-def expected_embedding(crop: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """What the tiny ArcFace returns for an RGB crop fed as (x - 127.5) / 127.5, L2-normalised."""
+def expected_embedding(crop: np.ndarray, weights: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """What the tiny ArcFace returns for an RGB crop fed as (x - 127.5) / 127.5 (L2-normalised by default)."""
     x = (crop.astype(np.float64) - 127.5) / 127.5
     pooled = x.reshape(14, 8, 14, 8, 3).mean(axis=(1, 3)).transpose(2, 0, 1).reshape(-1)
     out = pooled @ weights.astype(np.float64)
-    return out / np.linalg.norm(out)
+    return out / np.linalg.norm(out) if normalize else out
 
 
 def face_points(box, angle_deg=0.0) -> np.ndarray:
@@ -416,3 +416,22 @@ def test_analyze_uses_the_onnx_backend(backend, image):
         face = analyze(image, backend)
     np.testing.assert_allclose(face.bbox, FACE_A, atol=1e-3)
     np.testing.assert_allclose(face.embedding, backend.embed(image, backend.detect(image)[0]), atol=1e-6)
+
+
+def test_raw_embedding_is_the_recognisers_output_before_normalisation(backend, image):
+    """InstantID reads InsightFace's un-normalised ``face.embedding``: analyze keeps it as embedding × norm."""
+    from fastface.faces import analyze, build_identity
+
+    face = backend.detect(image)[0]
+    raw = backend.embed_raw(image, face)
+    expected = expected_embedding(backend.aligned_crop(image, face), arcface_weights(), normalize=False)
+    np.testing.assert_allclose(raw, expected, rtol=1e-5, atol=1e-5)
+    assert abs(float(np.linalg.norm(raw)) - 1.0) > 1e-2  # really not normalised
+    with pytest.warns(UserWarning, match="2 faces"):
+        analysed = analyze(image, backend)
+    np.testing.assert_array_equal(analysed.embedding, backend.embed(image, face))
+    np.testing.assert_allclose(analysed.raw_embedding, raw, rtol=1e-6)
+    with pytest.warns(UserWarning, match="2 faces"):
+        identity = build_identity(image, backend, cache=False, progress=False)
+    np.testing.assert_allclose(identity.raw_embeddings[0], raw, rtol=1e-6)
+    assert identity.image_sizes == [(image.shape[1], image.shape[0])]

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from fastface.testing import (
+    CONTROLNET_DIR,
     DISTILL_LORA_FILE,
     FACEID_FILE,
     FACEID_PLUS_FILE,
+    INSTANTID_DIR,
+    INSTANTID_FILE,
+    PLUS_FACE_FILE,
+    PORTRAIT_FILE,
+    PORTRAIT_UNNORM_FILE,
     TINY_VERSION,
     tiny_model_dir,
 )
@@ -73,6 +80,12 @@ def test_builds_are_deterministic(tiny_dir, tmp_path):
     unet_a = load_file(tiny_dir / "backbone" / "unet" / "diffusion_pytorch_model.safetensors")
     unet_b = load_file(other / "backbone" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    for name in (PLUS_FACE_FILE, PORTRAIT_FILE, PORTRAIT_UNNORM_FILE, f"{INSTANTID_DIR}/{INSTANTID_FILE}"):
+        first, second = (torch.load(d / name, weights_only=True) for d in (tiny_dir, other))
+        assert all(torch.equal(first[g][k], second[g][k]) for g in first for k in first[g])
+    net = Path(INSTANTID_DIR) / CONTROLNET_DIR / "diffusion_pytorch_model.safetensors"
+    net_a, net_b = load_file(tiny_dir / net), load_file(other / net)
+    assert all(torch.equal(net_a[k], net_b[k]) for k in net_a)
 
 
 def test_build_leaves_global_rng_alone(tmp_path):

@@ -19,6 +19,8 @@ _LAZY = {
     "manipulated_ip_attention": "fastface.attention",
     "Identity": "fastface.faces.types",
     "FastFaceError": "fastface.errors",
+    "GenerationConfig": "fastface.config",
+    "Limits": "fastface.config",
 }
 
 __all__ = [
@@ -26,15 +28,18 @@ __all__ = [
     "AttentionManipulation",
     "FastFaceError",
     "FastFacePipeline",
+    "GenerationConfig",
     "GenerationResult",
     "GuidanceConfig",
     "Identity",
+    "Limits",
     "decoupled_guidance",
     "manipulated_ip_attention",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attention import AttentionManipulation, manipulated_ip_attention
+    from .config import GenerationConfig, Limits
     from .errors import FastFaceError
     from .faces.types import Identity
     from .guidance import GuidanceConfig, decoupled_guidance

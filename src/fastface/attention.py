@@ -10,11 +10,13 @@ Targeting:
   each with its own parameters.
 - ``steps``: loop indices k = 0 … N−1 (None = every step). Schedules are indexed by k itself, not
   by the position among targeted steps; steps past a schedule's end repeat its last value.
-- ``tokens``: indices on the S axis (None = every identity token). With n reference photos the
-  adapter sees S = 4·n tokens and the indices address that concatenated axis. Only the targeted
-  columns of P are replaced; the others stay P. For ``softmask`` the token inversion (step 1/5)
-  applies to the first token of every photo's group of 4 (j mod 4 = 0; for one photo: token 0),
-  and only where that column is targeted. The AdaIN blends then act on whole rows / outputs.
+- ``tokens``: indices on the S axis (None, the default = every identity token, whatever S is;
+  the published ``[0, 1, 2, 3]`` is the 4-token case). With n reference photos of G tokens each
+  (G is the adapter's, passed as ``tokens_per_photo``) the adapter sees S = G·n tokens and the
+  indices address that concatenated axis. Only the targeted columns of P are replaced; the others
+  stay P. For ``softmask`` the token inversion (step 1/5) applies to the first token of every
+  photo's group (j mod G = 0; for one photo, or G unknown: token 0), and only where that column is
+  targeted. The AdaIN blends then act on whole rows / outputs.
 
 Every statistic is taken per sample, never across the batch, so a sample's result does not depend
 on what else is in the batch.
@@ -36,7 +38,6 @@ from .errors import ConfigError
 PARTS = ("down", "mid", "up")
 MODES = ("scale-power", "softmask")
 DEFAULT_PARTS = ("down", "up")
-TOKENS_PER_IMAGE = 4  # identity tokens per reference photo (FaceID and FaceID-Plus v2)
 DEFAULT_CAP = 10.0
 
 
@@ -319,8 +320,13 @@ def attention_probs(query: Tensor, key: Tensor) -> Tensor:
     return scores.softmax(dim=-1)
 
 
-def manipulate_probs(probs: Tensor, am: AttentionManipulation, part: str, step: int) -> Tensor:
-    """P′ (scale-power) or P″ (softmask map after AdaIN) of ``probs`` (B, h, L, S); P if not targeted."""
+def manipulate_probs(
+    probs: Tensor, am: AttentionManipulation, part: str, step: int, tokens_per_photo: int | None = None
+) -> Tensor:
+    """P′ (scale-power) or P″ (softmask map after AdaIN) of ``probs`` (B, h, L, S); P if not targeted.
+
+    ``tokens_per_photo`` (G): the S axis is photos × G tokens; None: one photo (G = S).
+    """
     if not am.targets(part, step):
         return probs
     num_tokens = probs.shape[-1]
@@ -332,7 +338,10 @@ def manipulate_probs(probs: Tensor, am: AttentionManipulation, part: str, step: 
     if num_tokens < 2:
         raise ConfigError("softmask needs at least 2 identity tokens (its AdaIN uses a std over tokens)")
     s, c = params.at(step)
-    inverted = torch.arange(num_tokens, device=probs.device) % TOKENS_PER_IMAGE == 0
+    group = num_tokens if tokens_per_photo is None else tokens_per_photo
+    if group < 1 or num_tokens % group:
+        raise ConfigError(f"{num_tokens} identity tokens are not whole photos of {group} tokens")
+    inverted = torch.arange(num_tokens, device=probs.device) % group == 0
     mask = softmask(probs, s, c, params.quantile, am.cap, inverted)
     mixed = mask if targeted is None else torch.where(targeted, mask, probs)
     return adain_map(mixed, probs, params.adain_weight, params.eps)
@@ -358,6 +367,7 @@ def manipulated_ip_attention(
     am: AttentionManipulation | None,
     part: str = "down",
     step: int = 0,
+    tokens_per_photo: int | None = None,
 ) -> Tensor:
     """Identity-branch attention output (before the adapter scale λ), with AM where targeted.
 
@@ -375,7 +385,7 @@ def manipulated_ip_attention(
     work = torch.promote_types(query.dtype, torch.float32)
     q, k, v = query.to(work), key.to(work), value.to(work)
     probs = attention_probs(q, k)
-    out = manipulate_probs(probs, am, part, step) @ v
+    out = manipulate_probs(probs, am, part, step, tokens_per_photo) @ v
     if am.mode == "softmask":
         params = am.parts[part]
         out = adain_output(out, probs @ v, params.adain_weight, params.eps)

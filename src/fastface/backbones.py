@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -192,16 +192,46 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
+# Samplers an adapter's authors use instead of the backbone's own (``with_scheduler``): name ->
+# (scheduler class in diffusers or fastface.schedulers, its options).
+SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
+    # PuLID v1's recipe (pulid/pipeline.py): DPM-Solver++(2M), trailing timesteps
+    "dpm++2m-trailing": ("DPMSolverMultistepScheduler", _TRAILING),
+    # PuLID v1.1's sampler for non-Lightning SDXL (k-diffusion sample_dpmpp_2m, Karras sigmas)
+    "dpm++2m-karras-k": ("KarrasDPMSolverPP2MScheduler", _frozen()),
+})
+
+
+def with_scheduler(spec: BackboneSpec, scheduler: str | None = None, cfg_scale: float | None = None) -> BackboneSpec:
+    """``spec`` sampled with another scheduler of :data:`SCHEDULERS` and/or another stock CFG scale."""
+    changes: dict[str, Any] = {}
+    if scheduler is not None and scheduler != "default":
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: default, {', '.join(SCHEDULERS)}")
+        cls_name, kwargs = SCHEDULERS[scheduler]
+        changes.update(scheduler=cls_name, scheduler_kwargs=kwargs, timesteps=None, step_kwargs=_frozen(),
+                       description=f"{spec.description} (scheduler {scheduler})".strip())
+    if cfg_scale is not None:
+        if not (isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool) and 0 < cfg_scale < 100):
+            raise ConfigError(f"cfg_scale must be a number in (0, 100), got {cfg_scale!r}")
+        changes["cfg_scale"] = float(cfg_scale)
+    return replace(spec, **changes) if changes else spec
+
+
 def make_scheduler(spec: BackboneSpec, base_config: Mapping[str, Any]) -> Any:
     """A fresh scheduler of the backbone's class from the base pipeline's scheduler config."""
     import diffusers
 
-    cls = getattr(diffusers, spec.scheduler)
+    cls = getattr(diffusers, spec.scheduler, None)
+    if cls is None:
+        from . import schedulers
+
+        cls = getattr(schedulers, spec.scheduler)
     return cls.from_config(dict(base_config), **dict(spec.scheduler_kwargs))
 
 
 def _tiny_path(filename: str | None = None) -> Path:
-    from .testing import tiny_model_dir
+    from .tiny import tiny_model_dir
 
     root = tiny_model_dir()
     return root / filename if filename else root / "backbone"
@@ -306,6 +336,7 @@ def load_backbone(
     loras: Sequence[Any] = (),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    spec: BackboneSpec | None = None,
 ) -> StableDiffusionXLPipeline:
     """Load backbone ``name`` as a diffusers ``StableDiffusionXLPipeline``.
 
@@ -317,7 +348,7 @@ def load_backbone(
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    spec = get_backbone(name)
+    spec = spec if spec is not None else get_backbone(name)  # ``spec``: e.g. with_scheduler(...) of ``name``
     _normalise_loras(loras)  # fail on a bad argument before loading anything
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

@@ -151,6 +151,7 @@ class VariantResult:
     description: str
     steps: int = 0
     evaluations: int = 0
+    controlnet_evaluations: int = 0  # InstantID: one IdentityNet evaluation per branch sample
     images: int = 1
     repeats: list[dict[str, float]] = field(default_factory=list)
     peak_memory_mb: float | None = None
@@ -174,6 +175,7 @@ class VariantResult:
         out["ms_per_image"] = {stage: _round(self.per_image(stage)) for stage in STAGES}
         out["denoise_ms_per_step"] = _round(self.per_step())
         out["evaluations_per_image"] = self.evaluations
+        out["controlnet_evaluations_per_image"] = self.controlnet_evaluations
         return out
 
 
@@ -293,15 +295,28 @@ def apply_speed_options(pipe: FastFacePipeline, options: BenchOptions) -> list[s
 
 
 def timing_identity(pipe: FastFacePipeline, seed: int) -> Any:
-    """A random identity of the adapter's embedding size (and random face crops for FaceID-Plus)."""
+    """A random identity for any adapter: an embedding of its size (raw = as drawn), a random face
+    crop (CLIP adapters) and a face's five keypoints on a 512 x 512 photo (InstantID)."""
     import numpy as np
 
+    from .faces.align import ARCFACE_TEMPLATE
     from .faces.types import Identity
 
     rng = np.random.default_rng(seed)
-    identity = Identity.from_embeddings(rng.standard_normal(pipe.adapter.embedding_dim).astype(np.float32))
-    if pipe.adapter.spec.kind == "faceid-plus":
-        identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    dim = pipe.adapter.embedding_dim or 512
+    identity = Identity.from_embeddings(rng.standard_normal(dim).astype(np.float32))
+    identity.crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    identity.keypoints = [(ARCFACE_TEMPLATE * 2.5 + 116).astype(np.float32)]
+    identity.image_sizes = [(512, 512)]
+    if pipe.adapter.spec.kind.startswith("pulid"):
+        # PuLID reads the photo itself (EVA-CLIP on the aligned face): the bundled portrait, with
+        # keypoints placed by the FFHQ template (timing does not depend on where the face is).
+        from importlib.resources import files
+
+        from .models.pulid_face import FFHQ_TEMPLATE_512
+
+        identity.sources = [str(files("fastface") / "data" / "portrait.jpg")]
+        identity.keypoints = [(FFHQ_TEMPLATE_512 * 0.5 + 20).astype(np.float32)]
     return identity
 
 
@@ -352,27 +367,26 @@ def variant_specs(options: BenchOptions) -> dict[str, VariantSpec]:
 
 
 def run_engine(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
-               height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+               height: int, width: int, seed: int) -> tuple[dict[str, float], int, int, Any, list[Any]]:
     """One end-to-end call through :class:`FastFacePipeline`; the engine's synchronised stage timings."""
-    result = pipe(
-        [PROMPT] if options.images == 1 else [PROMPT] * options.images,
-        identity,
-        method=spec.method,
-        guidance=spec.guidance,
-        steps=spec.steps or steps,
-        height=height,
-        width=width,
-        seed=seed,
-        output_type="pil",
-        progress=False,
+    from .config import GenerationConfig
+
+    config = GenerationConfig(
+        prompts=(PROMPT,) * options.images, backbone=pipe.backbone.name,
+        adapter=None if pipe.adapter is None else pipe.adapter.spec.name, method=spec.method or "fastface",
+        steps=spec.steps or steps, height=height, width=width, seed=seed,
     )
+    if spec.guidance is not None:
+        config = config.with_guidance(spec.guidance)
+    result = pipe.generate(config, identity, output_type="pil", progress=False)
     meta = result.metadata[0]
     timings = {stage: float(meta["timings_ms"][stage]) for stage in STAGES if stage in meta["timings_ms"]}
-    return timings, int(meta["unet_evaluations"]), result.latents, result.images
+    controlnet = int(meta.get("controlnet_evaluations", 0))
+    return timings, int(meta["unet_evaluations"]), controlnet, result.latents, result.images
 
 
 def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options: BenchOptions, steps: int,
-              height: int, width: int, seed: int) -> tuple[dict[str, float], int, Any, list[Any]]:
+              height: int, width: int, seed: int) -> tuple[dict[str, float], int, int, Any, list[Any]]:
     """FastFace as the published research code computes it, for comparison.
 
     Every step evaluates ε∅, εI and εTI (one batch of 3 per image), whatever the coefficients;
@@ -383,55 +397,64 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .guidance import combine, decoupled_guidance, plan_steps, resolve_schedule
-    from .processors import CONTEXT_KEY, IPContext
+    from .guidance import StepPlan, combine, decoupled_guidance, plan_steps
+    from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE
+    from .steps import assemble_step_inputs, sdxl_time_ids
 
     if pipe.adapter is None or pipe.adapter.spec.kind != "faceid":
         raise ConfigError("the naive variant is implemented for the faceid adapter")
     device, dtype = pipe.device, pipe.dtype
     sdxl, unet = pipe.sdxl, pipe.sdxl.unet
     cfg, am = pipe.resolve_method(spec.method or "fastface")
-    # The same LoRAs active as in an engine call (distillation + adapter at weight 1).
-    pipe._apply_loras(1.0)
-    alphas = resolve_schedule(cfg.alpha, steps, peak=1.5, name="alpha")
-    betas = resolve_schedule(cfg.beta, steps, peak=3.0, name="beta")
-    plans = plan_steps(cfg, steps)
+    # The same LoRAs active as in an engine call (distillation + adapter at the default weight).
+    pipe.activate_loras(DEFAULT_LORA_SCALE)
+    # The step plan (naive-planned evaluates only its branches); the published loop evaluates
+    # ε∅, εI and εTI at every step, whatever the coefficients.
+    planned = plan_steps(cfg, steps)
+    plans = [StepPlan(p.step, p.alpha, p.beta, p.rescale, ("null", "id", "full")) for p in planned]
     n = options.images
     start = time.perf_counter()
     embedding = torch.as_tensor(identity.embedding[None], device=device, dtype=dtype).expand(n, -1)
-    id_embeds = torch.cat([torch.zeros_like(embedding), embedding, embedding])
     synchronize(device)
     t_prompt = time.perf_counter()
     embeds = pipe.encode_prompt([PROMPT] * n)
     synchronize(device)
     t_loop = time.perf_counter()
     with torch.no_grad():
-        text = torch.cat([embeds.null, embeds.null, embeds.cond])
-        pooled = torch.cat([embeds.null_pooled, embeds.null_pooled, embeds.pooled])
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(3 * n, -1)
+        projection = pipe.adapter.projection
+        [step_inputs] = assemble_step_inputs(
+            plans[:1], text=embeds.cond, null_text=embeds.null, pooled=embeds.pooled, null_pooled=embeds.null_pooled,
+            time_ids=sdxl_time_ids(height, width, device=device, dtype=dtype),
+            identity=projection(embedding), null_identity=projection(torch.zeros_like(embedding)),
+        )
+        # The published code projects the raw embeddings inside every UNet call, in batch order.
+        id_embeds = torch.cat([embedding if with_id else torch.zeros_like(embedding)
+                               for _, with_id in step_inputs.conditions])
         scheduler = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
         shape = (n, unet.config.in_channels, height // sdxl.vae_scale_factor, width // sdxl.vae_scale_factor)
         latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
-        # (text, identity) rows of each branch in the stacks above: null, id-only, full.
-        rows = {"null": 0, "id": 1, "full": 2}
+        # The rows of each branch (null, id-only, full) in the three-branch stacks above.
+        rows = step_inputs.rows
+        text, added = step_inputs.encoder_hidden_states, step_inputs.added_cond_kwargs
 
         def planned_step(k: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
             # The published loop, but with only the plan's branches in the batch (branch planning alone).
-            branches = [b for b in plans[k].branches if b in rows]
+            branches = [b for b in planned[k].branches if b in rows]
             take = torch.cat([torch.arange(rows[b] * n, rows[b] * n + n, device=device) for b in branches])
             model_input = scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
-            tokens = pipe.adapter.projection(id_embeds[take])
-            context = IPContext(tokens=tokens, scale=0.8, step=k, attention=am)
+            tokens = projection(id_embeds[take])
             out = unet(
                 model_input, t, encoder_hidden_states=text[take],
-                added_cond_kwargs={"text_embeds": pooled[take], "time_ids": time_ids[take]},
-                cross_attention_kwargs={CONTEXT_KEY: context}, return_dict=False,
+                added_cond_kwargs={key: value[take] for key, value in added.items()},
+                cross_attention_kwargs=pipe.adapter.attention_kwargs(
+                    tokens, scale=DEFAULT_IP_SCALE, step=k, attention=am),
+                return_dict=False,
             )[0]
             preds = dict(zip(branches, out.chunk(len(branches))))
-            noise = combine(preds, plans[k], cfg.decomposition)
+            noise = combine(preds, planned[k], cfg.decomposition)
             return scheduler.step(noise, t, latents, return_dict=False)[0]
 
         def naive_denoising_loop(latents: torch.Tensor) -> torch.Tensor:
@@ -439,16 +462,19 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
                 if spec.planned:
                     latents = planned_step(k, t, latents)
                     continue
-                model_input = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-                tokens = pipe.adapter.projection(id_embeds)
-                context = IPContext(tokens=tokens, scale=0.8, step=k, attention=am)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * step_inputs.num_chunks), t)
+                tokens = projection(id_embeds)
                 out = unet(
-                    model_input, t, encoder_hidden_states=text,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                    cross_attention_kwargs={CONTEXT_KEY: context}, return_dict=False,
+                    model_input, t, encoder_hidden_states=step_inputs.encoder_hidden_states,
+                    added_cond_kwargs=step_inputs.added_cond_kwargs,
+                    cross_attention_kwargs=pipe.adapter.attention_kwargs(
+                        tokens, scale=DEFAULT_IP_SCALE, step=k, attention=am),
+                    return_dict=False,
                 )[0]
-                uncond, id_only, full = out.chunk(3)
-                noise = decoupled_guidance(uncond, id_only, full, alphas[k], betas[k], rescale=cfg.rescale)
+                chunks = out.chunk(step_inputs.num_chunks)
+                uncond, id_only, full = (chunks[step_inputs.rows[b]] for b in ("null", "id", "full"))
+                plan = plans[k]
+                noise = decoupled_guidance(uncond, id_only, full, plan.alpha, plan.beta, rescale=cfg.rescale)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             return latents
 
@@ -465,8 +491,8 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
         "decode": (end - t_decode) * 1000,
         "total": (end - start) * 1000,
     }
-    evaluations = sum(len([b for b in p.branches if b in rows]) for p in plans) if spec.planned else 3 * steps
-    return timings, evaluations, latents, images
+    evaluations = sum(len([b for b in p.branches if b in rows]) for p in planned) if spec.planned else 3 * steps
+    return timings, evaluations, 0, latents, images
 
 
 def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: int, pairs: int,
@@ -480,6 +506,7 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
     """
     import torch
 
+    from .presets import DEFAULT_IP_SCALE
     from .processors import CONTEXT_KEY, CallContexts, make_am_kernel
 
     if kernels is None:
@@ -501,11 +528,14 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
     ident = torch.cat([tokens.null, tokens.cond, tokens.cond]).to(device, dtype)
     # As the engine builds them: identity K/V projected once (so "off" and every kernel share it).
     processors = pipe._ip_processors
+    per_photo = pipe.adapter.tokens_per_photo if pipe.adapter is not None else None
     contexts: dict[str, Any] = {
-        "off": {CONTEXT_KEY: CallContexts(processors, 0.8, None, device=device).context(ident, 1)}
+        "off": {CONTEXT_KEY: CallContexts(processors, DEFAULT_IP_SCALE, None, device=device,
+                                          tokens_per_photo=per_photo).context(ident, 1)}
     }
     for kind in kernels:
-        builder = CallContexts(processors, 0.8, am, kernel=kind, am_kernel=make_am_kernel(kind), device=device)
+        builder = CallContexts(processors, DEFAULT_IP_SCALE, am, kernel=kind, am_kernel=make_am_kernel(kind),
+                               device=device, tokens_per_photo=per_photo)
         contexts[kind] = {CONTEXT_KEY: builder.context(ident, 1)}
 
     def timed(name: str) -> float:
@@ -559,7 +589,10 @@ def legacy_placement_view(pipe: FastFacePipeline) -> FastFacePipeline:
     ``encode_prompt`` (which asks each text encoder for its execution device, another walk), the
     package versions read at every call. For measuring the host set-up before/after in one run.
     """
-    from .pipeline import FastFacePipeline, _versions
+    import torch
+
+    from .metadata import _versions
+    from .pipeline import FastFacePipeline, PromptEmbeds
 
     class LegacyPlacement(FastFacePipeline):
         @property
@@ -570,14 +603,19 @@ def legacy_placement_view(pipe: FastFacePipeline) -> FastFacePipeline:
         def dtype(self) -> torch.dtype:
             return self.sdxl.unet.dtype
 
-        def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            cond, _, pooled, _ = self.sdxl.encode_prompt(
-                prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            return cond, pooled
-
-        def _version_info(self) -> dict[str, str]:
-            return _versions()
+        def encode_prompt(self, prompt: Any, negative_prompt: Any = None) -> PromptEmbeds:
+            if negative_prompt is not None:  # pragma: no cover - the host-stage table uses no negatives
+                return super().encode_prompt(prompt, negative_prompt)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            with torch.no_grad():
+                cond, _, pooled, _ = self.sdxl.encode_prompt(
+                    prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+            dtype = self.dtype
+            null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+            _versions.__wrapped__()  # the package versions, read again (metadata caches them now)
+            return PromptEmbeds(tuple(prompts), (None,) * len(prompts), cond.to(dtype), pooled.to(dtype),
+                                null.to(dtype), null_pooled.to(dtype))
 
     view = LegacyPlacement.__new__(LegacyPlacement)
     view.__dict__ = pipe.__dict__  # one state: a fusion or compile shows in both
@@ -597,7 +635,7 @@ def host_stage_times(pipe: FastFacePipeline, identity: Any, options: BenchOption
     """
     import torch
 
-    from .pipeline import _versions
+    from .metadata import _versions
 
     legacy = legacy_placement_view(pipe)
     views = {"cached": pipe, "legacy": legacy}
@@ -648,7 +686,7 @@ def host_stage_times(pipe: FastFacePipeline, identity: Any, options: BenchOption
         "execution_device(text_encoder)": walk_ms(lambda: get_module_execution_device(sdxl.text_encoder)),
         "execution_device(text_encoder_2)": walk_ms(lambda: get_module_execution_device(sdxl.text_encoder_2)),
         "unet.attn_processors": walk_ms(lambda: sdxl.unet.attn_processors),
-        "package versions": walk_ms(_versions),
+        "package versions": walk_ms(_versions.__wrapped__),
         "cached pipe.device + pipe.dtype": walk_ms(lambda: (pipe.device, pipe.dtype)),
     }
     out["unet_modules"] = sum(1 for _ in sdxl.unet.modules())
@@ -857,13 +895,14 @@ def run_benchmark(
             # Warm-up of the long baseline: a few steps run the same kernels as all 30.
             spec = replace(spec, steps=min(spec.steps, 3))
         reset_peak_memory(device)
-        timings, evaluations, latents, images = run(pipe, spec, identity, options, spec.steps or steps, height, width,
-                                                    options.seed)
+        timings, evaluations, controlnet, latents, images = run(pipe, spec, identity, options, spec.steps or steps,
+                                                                height, width, options.seed)
         if warm:
             return
         result = results[row]
         result.repeats.append({k: round(v, 3) for k, v in timings.items()})
         result.evaluations = evaluations
+        result.controlnet_evaluations = controlnet
         result.steps = call_steps
         result.peak_memory_mb = max(result.peak_memory_mb or 0.0, peak_memory_mb(device))
         outputs[row] = (latents, images)
@@ -1177,17 +1216,18 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"on {where} ({machine['device']}, torch {machine['torch']}, {machine.get('torch_threads')} threads)"
         + (f"; speed options: {', '.join(report['speed_options'])}" if report["speed_options"] else ""),
         "",
-        "| variant | LoRA | steps | UNet evals | identity ms | prompt ms | setup ms | denoise ms | decode ms "
-        "| total ms/image | vs none | ms/step | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | LoRA | steps | UNet evals | ControlNet evals | identity ms | prompt ms | setup ms | denoise ms "
+        "| decode ms | total ms/image | vs none | ms/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["results"].items():
         ms = row["ms_per_image"]
         if row["error"]:
-            lines.append(f"| {name} | {row['lora_state']} | – | – | failed: {row['error']} | | | | | | | | |")
+            lines.append(f"| {name} | {row['lora_state']} | – | – | – | failed: {row['error']} | | | | | | | | |")
             continue
         lines.append(
-            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | {_fmt(ms['identity'])} | "
+            f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | "
+            f"{row.get('controlnet_evaluations', 0)} | {_fmt(ms['identity'])} | "
             f"{_fmt(ms['prompt'])} | {_fmt(ms.get('setup'))} | {_fmt(ms['denoise'])} | {_fmt(ms['decode'])} | "
             f"{_fmt(ms['total'])} | "
             f"{_fmt(report['ratios_vs_none'].get(name), 2)} | {_fmt(row['denoise_ms_per_step'])} | "

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
     commands.register(sub)
-    for module_name in ("fastface.faces.cli", "fastface.doctor", "fastface.evaluation.cli", "fastface.bench"):
+    for module_name in (
+        "fastface.faces.cli", "fastface.doctor", "fastface.evaluation.cli", "fastface.bench", "fastface.serve.cli",
+    ):
         module = _optional_module(module_name)
         if module is not None:
             module.register(sub)
@@ -67,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except OSError as exc:
+        from .atomic import DiskFullError, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        # A writer that does not name its file (a plot, a library's cache) still gets one line.
+        sys.stderr.write(f"error: {DiskFullError(exc.filename or 'an output file')}\n")
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """CLI sub-commands of the engine: ``generate``, ``demo`` and ``presets``.
 
 Everything a user can get wrong is checked before any model is loaded (names, schedules, face
-photos), so a typo costs a second, not a model load, and no finished image is ever lost to a
-late error: images are written one by one, atomically, as soon as they exist.
+photos, the output location), so a typo costs a second, not a model load, and no finished image
+is ever lost to a late error: images are written one by one, atomically, as soon as they exist.
+No output replaces a file that exists (unless ``--overwrite``) nor, ever, an input of the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from .atomic import atomic_path, write_text_atomic
+from .atomic import disk_full_as_error, ensure_writable_dir, flush_to_disk, link_new, same_file, tmp_name
 from .errors import ConfigError, InputError
 
 EMBEDDING_SUFFIXES = {".npy", ".safetensors"}
@@ -34,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     gen.add_argument("--out", required=True, metavar="PATH",
-                     help="output directory (or a .png file name for a single image)")
+                     help="output directory (or a .png file name for a single image); images already there "
+                          "are kept, the new ones get new names")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace existing files of the same name at --out (an input of the command never is)")
+    gen.add_argument("--pose", default=None, metavar="PHOTO",
+                     help="instantid: take the face keypoints (the pose) from this photo instead of the first --face")
     gen.add_argument("--no-fuse", action="store_true",
                      help="keep the LoRAs unfused (slower; the default merges them once into the UNet)")
     gen.set_defaults(func=run_generate)
@@ -60,7 +67,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (backbone default)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--ip-scale", type=float, default=0.8, help="adapter scale λ")
+    parser.add_argument("--ip-scale", type=float, default=None,
+                        help="adapter scale λ (default: presets.DEFAULT_IP_SCALE, IP-Adapter's published value)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="weight of the adapter's own LoRA")
     parser.add_argument("--alpha", default=None, help="identity guidance: a number or per-step list '1,1.5,1.5,1'")
     parser.add_argument("--beta", default=None, help="text guidance: a number or per-step list")
@@ -68,8 +76,15 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rescale-on", choices=("all", "guided"), default=None)
     parser.add_argument("--face-backend", default=None, help="face encoder (default: the adapter's own)")
     parser.add_argument("--base-model", default=None, help="custom SDXL base: hub id, diffusers folder or .safetensors")
+    parser.add_argument("--scheduler", default=None,
+                        help="sample with another scheduler: dpm++2m-trailing (PuLID v1), dpm++2m-karras-k (PuLID v1.1)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="the backbone's stock CFG scale (methods without their own guidance, e.g. none)")
     parser.add_argument("--adapter-path", default=None, help="local adapter checkpoint instead of the hub's")
-    parser.add_argument("--image-encoder", default=None, help="local CLIP image encoder (faceid-plusv2)")
+    parser.add_argument("--image-encoder", default=None,
+                        help="local image encoder: CLIP folder (faceid-plusv2, plus-face), EVA02-CLIP file (pulid)")
+    parser.add_argument("--controlnet-scale", type=float, default=None,
+                        help="instantid: scale of the IdentityNet ControlNet's residuals (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                         help="extra style LoRA with optional weight; repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -86,50 +101,73 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the fused UNet and the VAE decode once (CUDA graphs on CUDA); "
                              "the first image of each size pays the compilation")
+    parser.add_argument("--limits", default=None, metavar="KEY=N[,KEY=N]",
+                        help="raise the upper bounds for big machines: steps (default 200), size (height and "
+                             "width, 4096), images (per call, 64); e.g. --limits steps=500,size=8192")
 
 
 # --------------------------------------------------------------------------- resolution
 
 
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~fastface.config.GenerationConfig` of parsed ``generate`` (or ``eval run``) options."""
+    from .config import GenerationConfig, Limits
+    from .presets import DEFAULT_IP_SCALE
+
+    limits = getattr(args, "limits", None)
+    prompts = getattr(args, "prompt", None) or ()
+    return GenerationConfig(
+        prompts=tuple(prompts),
+        negative_prompt=getattr(args, "negative_prompt", None),
+        backbone=args.backbone,
+        adapter=args.adapter,
+        method=args.method,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        num_images=getattr(args, "num_images", 1),
+        seed=getattr(args, "seed", 0),
+        ip_scale=DEFAULT_IP_SCALE if args.ip_scale is None else args.ip_scale,
+        lora_scale=args.lora_scale,
+        alpha=args.alpha,
+        beta=args.beta,
+        rescale=args.rescale,
+        rescale_on=args.rescale_on,
+        face_backend=args.face_backend,
+        base_model=args.base_model,
+        scheduler=getattr(args, "scheduler", None),
+        cfg_scale=getattr(args, "cfg_scale", None),
+        adapter_path=args.adapter_path,
+        image_encoder=args.image_encoder,
+        loras=tuple(parse_lora(item) for item in args.lora),
+        device=getattr(args, "device", "auto") or "auto",
+        dtype=getattr(args, "dtype", "auto") or "auto",
+        vae=getattr(args, "vae", None),
+        vae_tiling=bool(getattr(args, "vae_tiling", False)),
+        cpu_offload=bool(getattr(args, "cpu_offload", False)),
+        fuse_loras=not getattr(args, "no_fuse", False),
+        compile=bool(getattr(args, "compile", False)),
+        limits=Limits.parse(limits) if isinstance(limits, str) else (limits or Limits()),
+        adapter_options=adapter_options_from_args(args),
+    )
+
+
+def adapter_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The adapter's own options given on the command line (InstantID: --controlnet-scale, --pose)."""
+    options: dict[str, Any] = {}
+    if getattr(args, "controlnet_scale", None) is not None:
+        options["controlnet_scale"] = args.controlnet_scale
+    pose = getattr(args, "pose", None)
+    if pose is not None:
+        if not Path(pose).expanduser().is_file():
+            raise InputError(f"--pose {pose}: no such file")
+        options["pose"] = str(Path(pose).expanduser())
+    return options
+
+
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Check every name and number of a generation configuration without loading a model."""
-    from .adapters import spec_for_backbone
-    from .backbones import get_backbone
-    from .guidance import GuidanceConfig, resolve_schedule
-    from .presets import get_method, plain_cfg
-
-    backbone = get_backbone(args.backbone)
-    adapter = spec_for_backbone(args.adapter, backbone.name) if args.adapter not in (None, "none") else None
-    method = get_method(args.method)
-    steps = args.steps if args.steps is not None else backbone.steps
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise ConfigError(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.ip_scale < 0:
-        raise ConfigError(f"--ip-scale must be >= 0, got {args.ip_scale}")
-
-    guidance = method.guidance if method.guidance is not None else plain_cfg(backbone.cfg_scale)
-    overrides = {key: getattr(args, key) for key in ("alpha", "beta", "rescale", "rescale_on")
-                 if getattr(args, key) is not None}
-    if overrides:
-        fields = guidance.to_dict() if hasattr(guidance, "to_dict") else {}
-        fields = {k: v for k, v in fields.items() if k in ("alpha", "beta", "rescale", "rescale_on", "decomposition")}
-        fields.update(overrides)
-        guidance = GuidanceConfig(**fields)
-    # Schedules are checked against the step count now, before any model loads.
-    resolve_schedule(guidance.alpha, steps, peak=1.5, name="alpha")
-    resolve_schedule(guidance.beta, steps, peak=3.0, name="beta")
-    return {
-        "backbone": backbone,
-        "adapter": adapter,
-        "method": method,
-        "guidance": guidance,
-        "steps": steps,
-        "loras": [parse_lora(item) for item in args.lora],
-    }
+    return config_from_args(args).validate().as_dict()
 
 
 def parse_lora(item: str) -> tuple[str, float]:
@@ -143,20 +181,12 @@ def parse_lora(item: str) -> tuple[str, float]:
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
-    import torch
+    """(device name, torch dtype) for ``--device``/``--dtype`` (one clear error for a bad value)."""
+    from .backbones import default_dtype
+    from .config import check_device, check_dtype
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device")
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "float16"
-    return device, getattr(torch, dtype)
+    resolved = check_device(device)
+    return str(resolved), check_dtype(dtype) or default_dtype(resolved)
 
 
 def default_face_backend(adapter: Any) -> str:
@@ -167,10 +197,13 @@ def default_face_backend(adapter: Any) -> str:
 def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> Any:
     """An Identity from face photos or an embedding file, checked before any model loads."""
     from .faces import build_identity, load_embedding
+    from .faces.io import check_regular_file
 
     for path in paths:
         if not Path(path).exists():
             raise InputError(f"face file '{path}' does not exist")
+        if not Path(path).is_dir():  # a folder of photos is read photo by photo
+            check_regular_file(Path(path), f"face file '{path}'")
     embeddings = [p for p in paths if Path(p).suffix.lower() in EMBEDDING_SUFFIXES]
     if embeddings:
         if len(paths) > 1:
@@ -191,66 +224,36 @@ def load_identity(paths: Sequence[str], backend: str | None, adapter: Any) -> An
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    config = resolve_config(args)
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
+    config = config_from_args(args)
+    resolved = config.validate()
     out = Path(args.out)
-    single_file = out.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}
-    total = len(args.prompt) * args.num_images
+    single_file = out.suffix.lower() in IMAGE_SUFFIXES
+    total = len(config.prompts) * config.num_images
     if single_file and total > 1:
         raise ConfigError(f"--out {out} names one file but {total} images are asked for; give a directory")
-    identity = load_identity(args.face, args.face_backend, config["adapter"])
-    pipe = load_pipeline(args, config)
-    result = pipe(
-        args.prompt,
-        face=identity,
-        method=config["method"].name,
-        guidance=config["guidance"],
-        negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
-        steps=config["steps"],
-        height=args.height,
-        width=args.width,
-        ip_scale=args.ip_scale,
-        lora_scale=args.lora_scale,
-    )
-    paths = write_images(result, out, single_file=single_file)
+    inputs = input_paths(args)
+    check_output(out, single_file=single_file, overwrite=args.overwrite, inputs=inputs)
+    identity = load_identity(args.face, args.face_backend, resolved.adapter)
+    pipe = load_pipeline(config)
+    result = pipe.generate(config, identity)
+    paths = write_images(result, out, single_file=single_file, overwrite=args.overwrite, protected=inputs,
+                         images_per_prompt=config.num_images)
     print(licence_line(result.metadata[0].get("licence", {})), file=sys.stderr)
     for path in paths:
         print(path)
     return 0
 
 
-def load_pipeline(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+def load_pipeline(config: Any) -> Any:
+    """The pipeline of a :class:`~fastface.config.GenerationConfig`.
+
+    One command = one LoRA weighting: unless ``fuse_loras`` is off (``--no-fuse``) the LoRAs are
+    merged into the UNet once, which removes their per-layer cost (1.76x faster per image on an
+    H200, benchmarks/RESULTS.md). Offloaded weights move between devices, so they stay unfused there.
+    """
     from .pipeline import FastFacePipeline
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    pipe = FastFacePipeline.from_pretrained(
-        backbone=config["backbone"].name,
-        adapter=config["adapter"].name if config["adapter"] is not None else None,
-        base_model=args.base_model,
-        adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder,
-        loras=config["loras"],
-        device=device,
-        dtype=dtype,
-        # Read with defaults: callers may build the namespace themselves (eval run's RunConfig).
-        vae=getattr(args, "vae", None),
-        vae_tiling=bool(getattr(args, "vae_tiling", False)),
-        cpu_offload=bool(getattr(args, "cpu_offload", False)),
-    )
-    # One command = one LoRA weighting: merging the LoRAs into the UNet once removes their per-layer
-    # cost (1.76x faster per image on an H200, benchmarks/RESULTS.md). Offloaded weights move
-    # between devices, so they stay unfused there.
-    if not getattr(args, "no_fuse", False) and not getattr(args, "cpu_offload", False):
-        pipe.fuse_loras(args.lora_scale)
-    if getattr(args, "compile", False):
-        # Compiled graphs hold the fused weights: compiling needs the one fixed LoRA weighting.
-        if getattr(args, "no_fuse", False):
-            raise ConfigError("--compile needs fused LoRAs: drop --no-fuse")
-        pipe.compile(lora_scale=args.lora_scale)
-    return pipe
+    return FastFacePipeline.from_config(config)
 
 
 def licence_line(licence: dict[str, Any]) -> str:
@@ -262,22 +265,102 @@ def licence_line(licence: dict[str, Any]) -> str:
     return "licence: " + " | ".join(parts)
 
 
-def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str = "image") -> list[Path]:
-    """Write each image with a JSON sidecar of its metadata; atomic, never a half-written file."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(option, path) of every file the command reads, for the never-overwrite-an-input check."""
+    found: list[tuple[str, Path]] = []
+    for option, values in (("--face", getattr(args, "face", None) or []),
+                           ("--pose", [getattr(args, "pose", None)]),
+                           ("--lora", [parse_lora(item)[0] for item in getattr(args, "lora", None) or []]),
+                           ("--base-model", [getattr(args, "base_model", None)]),
+                           ("--adapter-path", [getattr(args, "adapter_path", None)]),
+                           ("--image-encoder", [getattr(args, "image_encoder", None)]),
+                           ("--vae", [getattr(args, "vae", None)])):
+        for value in values:
+            if value and os.path.lexists(value):
+                found.append((option, Path(value)))
+    return found
+
+
+def _input_at(target: Path, inputs: Sequence[tuple[str, Path]]) -> str | None:
+    for option, path in inputs:
+        if os.path.lexists(target) and same_file(target, path):
+            return option
+    return None
+
+
+def check_output(out: Path, *, single_file: bool, overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()) -> None:
+    """Refuse, before any model loads, an output that cannot be written or would replace a file."""
+    if not single_file:
+        ensure_writable_dir(out, "--out", create=False)
+        return
+    for target in (out, out.with_suffix(".json")):  # the image and its metadata sidecar
+        option = _input_at(target, inputs)
+        if option is not None:
+            raise InputError(f"--out {out} would replace {target}, which is the {option} input of this command; "
+                             "choose another output name")
+        if target.is_dir():
+            raise InputError(f"--out {out} would replace the folder {target}; choose another output name")
+        if os.path.lexists(target) and not overwrite:
+            raise InputError(f"--out {out} would replace the existing file {target}; choose another name, "
+                             "or pass --overwrite to replace it")
+    above = next((parent for parent in out.parents if os.path.lexists(parent)), Path("."))
+    if not above.is_dir():
+        raise InputError(f"--out {out} is under a file, not a folder: {above} is a file")
+    ensure_writable_dir(out.parent, "--out folder", create=False)
+
+
+def write_images(result: Any, out: Path, *, single_file: bool = False, stem: str = "image", overwrite: bool = False,
+                 protected: Sequence[tuple[str, Path]] = (), images_per_prompt: int = 1) -> list[Path]:
+    """Write each image with a JSON sidecar of its metadata; atomic, never a half-written file.
+
+    In a folder, image i of prompt p with seed s is ``{stem}_p{p:02d}_seed{s}.png``; when that name
+    (or its sidecar's) is taken, ``_2``, ``_3``... is added, so earlier images are kept, unless
+    ``overwrite``. A file in ``protected`` (the command's inputs) is never replaced. Image and
+    sidecar are both written in full before either gets its name, so a full disk leaves neither.
+    """
     written: list[Path] = []
-    if single_file:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        targets = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        targets = []
-        for index, meta in enumerate(result.metadata):
-            name = f"{stem}_{index:03d}_seed{meta.get('seed', index)}.png"
-            targets.append(out / name)
-    for image, meta, target in zip(result.images, result.metadata, targets):
-        with atomic_path(target) as tmp:
-            image.save(tmp, format=Image.registered_extensions().get(target.suffix.lower(), "PNG"))
-        write_text_atomic(target.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
+    folder = out.parent if single_file else out
+    with disk_full_as_error(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    for position, (image, meta) in enumerate(zip(result.images, result.metadata)):
+        index = int(meta.get("index", position))
+        if single_file:
+            candidates: Any = [out]
+        else:
+            base = f"{stem}_p{index // max(1, images_per_prompt):02d}_seed{meta.get('seed', index)}"
+            candidates = (out / (base + (f"_{n}" if n > 1 else "") + ".png") for n in range(1, 1_000_000))
+        suffix = out.suffix.lower() if single_file else ".png"
+        tmp_image = tmp_name(folder / f"{stem}-{index}{suffix}")
+        tmp_meta = tmp_name(folder / f"{stem}-{index}.json")
+        try:
+            with disk_full_as_error(folder / f"{stem}-{index}{suffix}"):
+                image.save(tmp_image, format=Image.registered_extensions().get(suffix, "PNG"))
+                flush_to_disk(tmp_image)
+                tmp_meta.write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+                flush_to_disk(tmp_meta)
+            for target in candidates:
+                sidecar = target.with_suffix(".json")
+                if any(_input_at(path, protected) for path in (target, sidecar)):
+                    continue
+                if overwrite:
+                    os.replace(tmp_image, target)
+                    os.replace(tmp_meta, sidecar)
+                    break
+                if os.path.lexists(target) or os.path.lexists(sidecar) or not link_new(tmp_image, target):
+                    continue  # taken (perhaps by another writer a moment ago)
+                if not link_new(tmp_meta, sidecar):
+                    target.unlink(missing_ok=True)
+                    continue
+                break
+            else:
+                raise InputError(f"--out {out}: no free file name for image {index}; nothing was replaced "
+                                 "(pass --overwrite to replace, or choose another output)")
+        finally:
+            tmp_image.unlink(missing_ok=True)
+            tmp_meta.unlink(missing_ok=True)
         written.append(target)
     return written
 
@@ -330,12 +413,19 @@ def run_presets(args: argparse.Namespace) -> int:
         print(f"  {b['name']:<13} {b['steps']:>2} steps  {b['resolution']:>4}px  cfg {b['cfg_scale']:<4}"
               f"  {b['description']}")
         print(f"  {'':<13} licence: {'; '.join(b['licence'])}")
-    print("\nADAPTERS")
+    print("\nADAPTERS (name, checkpoint, face input, tokens per photo, licence)")
     for a in table["adapters"]:
+        dim = a.get("embedding_dim")
+        face = f"{dim}-d embedding" if dim else "face crop only (no embedding)"
         extra = f", image encoder {a['image_encoder']}" if a.get("image_encoder") else ""
-        print(f"  {a['name']:<13} {a.get('repo', '')}/{a.get('weight_name', '')}"
-              f" ({a.get('embedding_dim', '?')}-d embedding{extra})")
-        print(f"  {'':<13} licence: {a.get('licence', '?')}")
+        print(f"  {a['name']:<22} {a.get('repo', '')}/{a.get('weight_name', '')}"
+              f" ({face}{extra}; {a.get('num_tokens', '?')} tokens per photo)")
+        more = [f for f in a.get("files", [])[1:] if not a.get("image_encoder") or a["image_encoder"] not in f]
+        if more:
+            print(f"  {'':<22} also needs: {', '.join(more)}")
+        if not a.get("presets_tuned", True):
+            print(f"  {'':<22} method presets: the published FaceID values, not tuned for this adapter")
+        print(f"  {'':<22} licence: {'; '.join(a.get('licence', ['?']))}")
     print("\nMETHODS")
     for m in table["methods"]:
         print(f"  {m['name']:<18} {m.get('description', '')}")

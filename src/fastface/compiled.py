@@ -214,12 +214,58 @@ class CompiledModels:
                 **{name: log.to_dict() for name, log in self.logs.items()}}
 
 
+class CompileMixin:
+    """``compile()`` / ``compiled`` / ``compile_report()`` of a pipeline (``sdxl``, ``device``,
+    ``_offload_device``, ``_loras`` fused via ``fuse_loras``, ``set_am_kernel``)."""
+
+    sdxl: Any
+    _offload_device: torch.device | None
+    _compiled: CompiledModels | None
+    _compile_options: dict[str, Any] | None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the UNet and the VAE decode run compiled (see :meth:`compile`)."""
+        return self._compiled is not None
+
+    def compile(self, *, mode: str | None = ..., backend: str = "inductor", strict: bool = False,  # type: ignore[assignment]
+                lora_scale: float | None = None) -> None:
+        """Compile the UNet and the VAE decode (``torch.compile``) for every later call.
+
+        The LoRAs are fused first (at ``lora_scale`` for the adapter's, unless already fused) and
+        scale-power AM switches to the fused kernel, whose numbers reach the graph as tensors: the
+        adapter scale and AM scale can change between calls without recompiling. ``mode``: default
+        ``"reduce-overhead"`` (CUDA graphs) on CUDA, inductor's default elsewhere; ``backend``
+        "aot_eager"/"eager" compile without code generation. A compile beyond the expected set (one
+        graph per batch-of-1 and one for every other batch, per resolution) warns, or raises with
+        ``strict``; see :mod:`fastface.compiled` and :meth:`compile_report`.
+        """
+        from .presets import DEFAULT_LORA_SCALE
+
+        if self._offload_device is not None:
+            raise ConfigError("compile and cpu_offload cannot be combined")
+        if self.fused_loras is None:  # type: ignore[attr-defined]
+            self.fuse_loras(DEFAULT_LORA_SCALE if lora_scale is None else lora_scale)  # type: ignore[attr-defined]
+        self.set_am_kernel("fused")  # type: ignore[attr-defined]
+        device = self.device  # type: ignore[attr-defined]
+        options = {"mode": default_mode(device) if mode is ... else mode, "backend": backend, "strict": strict}
+        self._compiled = self._make_compiled(**options)
+        self._compile_options = options
+
+    def _make_compiled(self, **options: Any) -> CompiledModels:
+        return CompiledModels(self.sdxl.unet, self.sdxl.vae, **options)
+
+    def compile_report(self) -> dict[str, Any] | None:
+        """Backend, mode and every graph compiled so far per model (None when not compiled)."""
+        return None if self._compiled is None else self._compiled.describe()
+
+
 def default_mode(device: torch.device) -> str | None:
     """CUDA graphs on CUDA (``reduce-overhead``), inductor's default elsewhere."""
     return "reduce-overhead" if device.type == "cuda" else None
 
 
 __all__ = [
-    "BACKENDS", "MODES", "CompileLog", "CompiledModels", "CountingBackend", "RecompileWarning", "default_mode",
+    "BACKENDS", "MODES", "CompileLog", "CompileMixin", "CompiledModels", "CountingBackend", "RecompileWarning", "default_mode",
     "mark_batch_dynamic",
 ]

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-DEMO_ADAPTERS = ("faceid", "faceid-plusv2")
 TILE = 192
 
 
 def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: bool = True) -> Path:
+    from .adapters import ADAPTERS
     from .commands import write_images
+    from .config import GenerationConfig
     from .faces import build_identity, load_image
     from .pipeline import FastFacePipeline
     from .presets import METHODS
@@ -28,11 +29,18 @@ def run_demo(out: Path, *, face: Path, prompt: str, seed: int = 0, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     identity = build_identity([str(face)], backend="dlib")
     rows: list[dict] = []
-    for adapter in DEMO_ADAPTERS:
-        pipe = FastFacePipeline.from_pretrained(backbone="tiny", adapter=adapter, device="cpu")
+    shown: set[tuple[str, str]] = set()
+    for adapter, spec in ADAPTERS.items():  # every registered checkpoint, on its tiny random-weight copy
+        if (spec.repo, spec.weight_name) in shown:
+            continue  # another mode of a checkpoint already shown (pulid-style)
+        shown.add((spec.repo, spec.weight_name))
+        base = GenerationConfig(prompts=(prompt,), backbone="tiny", adapter=adapter, seed=seed, device="cpu",
+                                fuse_loras=False)
+        pipe = FastFacePipeline.from_config(base)
+        tokens = pipe.encode_identity(identity)  # once per adapter, reused by every method
         for method in METHODS:
-            result = pipe(prompt, face=identity, method=method, seed=seed, progress=False)
-            [path] = write_images(result, out / adapter, stem=method)
+            result = pipe.generate(base.replace(method=method), identity, identity_tokens=tokens, progress=False)
+            [path] = write_images(result, out / adapter, stem=method, overwrite=True)  # the demo's own folder
             meta = result.metadata[0]
             rows.append({
                 "adapter": adapter,

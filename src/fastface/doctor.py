@@ -190,6 +190,16 @@ def _weights(repo: str, filenames: list[str]) -> dict[str, Any]:
     return {"repo": repo, "file": filenames[0], "path": None}
 
 
+def _extra_file(extra: Any, checkpoint: str | None) -> dict[str, Any]:
+    """An adapter's extra file: from the hub cache, or (a download URL, e.g. PuLID's face parsing
+    weights) beside the adapter checkpoint, where the adapter looks for it."""
+    if not extra.repo.startswith(("https://", "http://")):
+        return _weights(extra.repo, [extra.filename])
+    beside = Path(checkpoint).parent / extra.filename if checkpoint else None
+    return {"repo": extra.repo, "file": extra.filename,
+            "path": str(beside) if beside is not None and beside.is_file() else None}
+
+
 def _base_model_files(repo: str) -> list[dict[str, Any]]:
     return [
         _weights(repo, ["model_index.json"]),
@@ -199,6 +209,8 @@ def _base_model_files(repo: str) -> list[dict[str, Any]]:
 
 
 def _how_to_get(item: dict[str, Any]) -> str:
+    if item["repo"].startswith(("https://", "http://")):
+        return f"download {item['repo']}/{item['file']} into the adapter checkpoint's folder"
     if item["file"].startswith("unet/") or item["file"].startswith("vae/") or item["file"] == "model_index.json":
         return (f"{HF_DOWNLOAD} {item['repo']} --include '*.json' '*.txt' '*model.fp16.safetensors' "
                 f"(or pass base_model=<local folder>)")
@@ -230,11 +242,20 @@ def probe_generation_models() -> dict[str, Any]:
         repo = getattr(spec, "repo", None)
         if not repo or repo == "tiny":
             continue
-        items = [_weights(repo, [spec.weight_name])]
-        encoder = getattr(spec, "image_encoder", None)
-        if encoder and encoder != "tiny":
-            items += [_weights(encoder, ["config.json"]), _weights(encoder, ["model.safetensors"])]
-        out["adapters"][name] = _summarise(items)
+        # Every file the adapter declares: checkpoint, image encoder, extras (InstantID's ControlNet
+        # folder, PuLID's face parsing weights from a download URL, looked for beside the checkpoint).
+        items = []
+        for required in spec.required_files():
+            if required.patterns:
+                items += [_weights(required.repo, [f]) for f in required.patterns]
+            elif required.filename:
+                items.append(_extra_file(required, items[0]["path"] if items else None))
+        entry = _summarise(items)
+        entry["files"] = [f"{item['repo']}/{item['file']}: {'present' if item['path'] else 'missing'}"
+                          for item in items]
+        if spec.face_backend:
+            entry["face_backend"] = spec.face_backend
+        out["adapters"][name] = entry
     if backbones is None:
         out["backbones_note"] = "fastface.backbones is not part of this build"
     if adapters is None:
@@ -331,7 +352,14 @@ def render(report: dict[str, Any]) -> str:
     gen = report["generation_models"]
     for kind, label in (("base_models", "base"), ("backbones", "backbone"), ("adapters", "adapter")):
         for name, entry in gen.get(kind, {}).items():
-            rows.append((f"{label}: {name}", entry.get("status", "?"), ""))
+            detail = ""
+            if kind == "adapters":
+                # which files it needs, each present or missing, and the face backend it reads
+                parts = list(entry.get("files", []))
+                if entry.get("face_backend"):
+                    parts.append(f"face backend {entry['face_backend']}")
+                detail = "; ".join(parts)
+            rows.append((f"{label}: {name}", entry.get("status", "?"), detail))
     width = max(len(r[0]) for r in rows)
     width2 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{width}}  {b:<{width2}}  {c}".rstrip() for a, b, c in rows]

@@ -325,7 +325,7 @@ def build_fullsize_pipeline(
         make_scheduler,
     )
     from .pipeline import FastFacePipeline
-    from .testing import tiny_model_dir
+    from .tiny import tiny_model_dir
 
     if vae not in VAE_CHOICES:
         raise ConfigError(f"vae must be one of {', '.join(VAE_CHOICES)}; got {vae!r}")

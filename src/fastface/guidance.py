@@ -19,12 +19,21 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from torch import Tensor
 
 from .errors import ConfigError
 
 BRANCHES = ("null", "text", "id", "full")
+# What each branch conditions on, (text, identity) (METHOD §7): False text = the negative prompt
+# or SDXL's zero null text; False identity = the adapter's null identity ∅.
+BRANCH_CONDITIONS: Mapping[str, tuple[bool, bool]] = MappingProxyType({
+    "null": (False, False),
+    "text": (True, False),
+    "id": (False, True),
+    "full": (True, True),
+})
 DECOMPOSITIONS = ("identity-first", "text-first", "independent")
 RESCALE_ON = ("all", "guided")
 ALPHA_PEAK = 1.5
@@ -177,6 +186,30 @@ def needed_branches(decomposition: str, alpha: float, beta: float, rescale: floa
     if rescale > 0:
         needed.update(RESCALE_REFERENCES[decomposition])
     return tuple(name for name in BRANCHES if name in needed)
+
+
+def branch_conditions(
+    branches: Sequence[str], has_identity: bool = True
+) -> tuple[tuple[tuple[bool, bool], ...], dict[str, int]]:
+    """The distinct (text, identity) conditions ``branches`` need, in order, and each branch's index.
+
+    Without an identity condition (no adapter) "id" is "null" and "full" is "text": such
+    duplicates are one condition, evaluated once.
+    """
+    conditions: list[tuple[bool, bool]] = []
+    index: dict[str, int] = {}
+    for branch in branches:
+        with_text, with_id = BRANCH_CONDITIONS[branch]
+        key = (with_text, with_id and has_identity)
+        if key not in conditions:
+            conditions.append(key)
+        index[branch] = conditions.index(key)
+    return tuple(conditions), index
+
+
+def unet_evaluations(plans: Sequence[StepPlan], has_identity: bool = True, images: int = 1) -> int:
+    """UNet evaluations of a call: distinct conditions per step, times the images."""
+    return images * sum(len(branch_conditions(plan.branches, has_identity)[0]) for plan in plans)
 
 
 def plan_steps(config: GuidanceConfig, num_steps: int) -> list[StepPlan]:

@@ -5,19 +5,23 @@ loop, the SDXL loop of diffusers with one change: at step k it evaluates only th
 ``guidance.plan_steps(...)[k]`` needs (null / text / id / full), all of them and all images as ONE
 batched UNet call, then combines them per image with ``guidance.combine`` (METHOD §2).
 
+The identity adapter is an :class:`~fastface.adapters.IdentityAdapter` (``fastface/adapters/``);
+the engine only orchestrates: ``__call__`` runs numbered stages (check, encode identity, encode
+prompt, set up sampling, denoise, decode, describe), the UNet inputs of every step come from
+``steps.assemble_step_inputs``, the loop from ``sampling``, LoRA bookkeeping from ``lora`` and the
+metadata from ``metadata``.
+
 Per-call data (identity tokens per sample, adapter scale, step index, attention manipulation)
 travel to the attention processors in ``cross_attention_kwargs``; nothing is stored on a module
 between calls, the scheduler is a fresh copy per call, and everything the loop needs is built
-before it starts, so the loop makes no host-device synchronisation.
+before it starts, so the loop makes no host-device synchronisation. Calls on one pipeline are
+serialised by a per-pipeline lock (two threads may share a pipeline; they take turns).
 """
 
 from __future__ import annotations
 
-import copy
-import importlib.metadata
 import os
-import time
-import warnings
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,37 +29,53 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import __version__
-from .adapters import ID_LORA_ADAPTER, IdentityTokens, LoadedAdapter, load_adapter
+from . import metadata as meta
+from . import sampling
+from .adapters import IdentityAdapter, IdentityConditioning, IdentityTokens, load_adapter
 from .attention import AttentionManipulation
 from .backbones import (
     VAE_DEFAULT,
     BackboneSpec,
     VaeChoice,
     backbone_lora_weights,
-    default_device,
     default_dtype,
     get_backbone,
     load_backbone,
     load_vae,
     resolve_vae,
     vae_scale_factor,
+    with_scheduler,
+)
+from .compiled import CompileMixin
+from .config import (
+    DEFAULT_LIMITS,
+    FROM_METHOD,
+    GenerationConfig,
+    Limits,
+    check_device,
+    check_dtype,
+    check_num_images,
+    check_number,
+    check_prompts,
+    check_seeds,
+    check_size,
+    check_steps,
+    check_text,
 )
 from .errors import ConfigError, InputError
 from .faces.types import Identity
 from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
-from .guidance import combine as combine_branches
-from .placement import Placement, encode_sdxl_text, module_dtype
-from .presets import DEFAULT_METHOD, get_method, plain_cfg
-from .processors import CONTEXT_KEY, CallContexts, install, installed, make_am_kernel, uninstall
-from .timing import synchronize
+from .lora import LoraMixin, LoraState
+from .memory import MemoryOptionsMixin
+from .placement import Placement, PlacementMixin
+from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE, DEFAULT_METHOD, get_method, plain_cfg
+from .processors import CallContexts, installed, make_am_kernel
+from .steps import StepInputs, assemble_step_inputs, image_rows, sdxl_time_ids
+from .timing import StageClock
 
-# Which conditions each branch uses: (text, identity).
-_BRANCH_CONDITIONS = {"null": (False, False), "text": (True, False), "id": (False, True), "full": (True, True)}
 _OUTPUT_TYPES = ("pil", "latent", "np")
-_FROM_METHOD = ...  # sentinel: "take the attention manipulation of the method preset"
+_FROM_METHOD = FROM_METHOD  # sentinel: "take the attention manipulation of the method preset"
 
 
 @dataclass(frozen=True)
@@ -85,55 +105,6 @@ class GenerationResult:
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _StepInputs:
-    """Everything one step's UNet call needs, built before the loop."""
-
-    plan: StepPlan
-    rows: Mapping[str, int]  # branch -> chunk index in the UNet output
-    num_chunks: int
-    encoder_hidden_states: torch.Tensor
-    added_cond_kwargs: Mapping[str, torch.Tensor]
-    cross_attention_kwargs: Mapping[str, Any] | None
-
-
-def _versions() -> dict[str, str]:
-    versions = {"fastface": __version__}
-    for package in ("torch", "diffusers", "transformers", "peft"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _face_licence(backend: str) -> str | None:
-    """Licence of a face backend's models, read from the faces registry without building it."""
-    try:
-        from .faces import BACKENDS
-
-        target, options = BACKENDS[backend]
-        module_name, class_name = target.split(":")
-        if "pack" in options:
-            from .faces.model_packs import get_pack
-
-            return get_pack(options["pack"]).licence
-        import importlib
-
-        licence = getattr(getattr(importlib.import_module(module_name), class_name), "licence", None)
-        return licence if isinstance(licence, str) else None
-    except (KeyError, ImportError, AttributeError, ValueError, ConfigError):
-        return None
-
-
-def _as_list(value: str | Sequence[str], what: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{what} must be a string or a non-empty list of strings, got {value!r}")
-
-
 def replace_vae(sdxl: Any, vae: Any, name: str = "replacement") -> None:
     """Put ``vae`` in place of ``sdxl``'s VAE, after checking that it reads the same latents.
 
@@ -152,14 +123,14 @@ def replace_vae(sdxl: Any, vae: Any, name: str = "replacement") -> None:
     sdxl.register_modules(vae=vae)
 
 
-class FastFacePipeline:
-    """Identity-preserving text-to-image on an SDXL backbone with an IP-Adapter FaceID adapter."""
+class FastFacePipeline(PlacementMixin, CompileMixin, MemoryOptionsMixin, LoraMixin):
+    """Identity-preserving text-to-image on an SDXL backbone with an identity adapter (or none)."""
 
     def __init__(
         self,
         sdxl: Any,
         backbone: BackboneSpec,
-        adapter: LoadedAdapter | None = None,
+        adapter: IdentityAdapter | None = None,
         loras: Sequence[Any] = (),
         *,
         vae: VaeChoice | None = None,
@@ -171,33 +142,24 @@ class FastFacePipeline:
         self._vae_choice = vae
         # The accelerator the offloaded models run on (None: no CPU offload).
         self._offload_device: torch.device | None = None
-        self._lora_weights = backbone_lora_weights(backbone, loras)
-        self._applied_loras: dict[str, float] | None = None
-        # Weights the LoRAs were merged into the UNet with (None: unfused, set per call).
-        self._fused_loras: dict[str, float] | None = None
+        self._loras = LoraState(sdxl, backbone_lora_weights(backbone, loras))
         # Fused: exact (1e-5), float-free for the compiled path, and on the CPU (bf16, SDXL shapes,
         # benchmarks/am_kernels.py) 2.0-2.4x faster than the lean kernel; see benchmarks/RESULTS.md.
         self._am_kernel_name = "fused"
         self._am_kernel = make_am_kernel(self._am_kernel_name)
-        self._previous_processors = install(sdxl.unet) if adapter is not None else None
-        # By layer name, read once (unet.attn_processors walks the UNet).
+        self._previous_processors = adapter.install(sdxl.unet) if adapter is not None else None
+        # FastFace IP-Adapter layers by name, read once (unet.attn_processors walks the UNet); empty
+        # for adapters with their own processors (PuLID), which then get no CallContexts.
         self._ip_processors = installed(sdxl.unet) if adapter is not None else {}
+        # One call at a time per pipeline: a call sets LoRA weights and offload hooks on shared
+        # modules, so overlapping calls would mix their states. Re-entrant for fuse_loras.
+        self._lock = threading.RLock()
         self._upcast_vae()
         # Device and dtype, read once here (and by .to / enable_model_cpu_offload): diffusers'
         # unet.device / unet.dtype walk every module of the UNet each time they are asked.
         self._placement = Placement.of(sdxl)
-        self._version_cache: dict[str, str] | None = None
-        # The compiled UNet / VAE decode (see compile()); None: eager.
-        self._compiled: Any = None
+        self._compiled = None  # the compiled UNet / VAE decode (see compile()); None: eager
         self._compile_options: dict[str, Any] | None = None
-
-    def _upcast_vae(self) -> None:
-        vae = self.sdxl.vae
-        # AutoencoderTiny and the fp16-fix VAE say force_upcast=False (or nothing): they stay in float16.
-        if module_dtype(vae) == torch.float16 and getattr(vae.config, "force_upcast", False):
-            # The SDXL VAE overflows in float16. diffusers casts it up and back down around every
-            # decode; keeping it in float32 once costs ~160 MB and leaves no cast inside calls.
-            vae.to(torch.float32)
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -212,10 +174,12 @@ class FastFacePipeline:
         image_encoder: str | os.PathLike | None = None,
         loras: Sequence[Any] = (),
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         vae: str | os.PathLike | None = None,
         vae_tiling: bool = False,
         cpu_offload: bool = False,
+        scheduler: str | None = None,
+        cfg_scale: float | None = None,
         compile: bool = False,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
@@ -231,173 +195,14 @@ class FastFacePipeline:
         memory independent of the image size; no effect on images smaller than one tile).
         ``cpu_offload`` keeps every model on the CPU and moves each to ``device`` (a CUDA device)
         only while it runs (diffusers' model CPU offload): slower, far less GPU memory.
+        ``scheduler``/``cfg_scale``: another sampler and stock CFG scale (:func:`backbones.with_scheduler`).
         ``compile`` fuses the LoRAs and compiles the UNet and VAE decode (see :meth:`compile`).
         """
-        if compile and cpu_offload:
-            raise ConfigError("compile and cpu_offload cannot be combined")
-        spec = get_backbone(backbone)
-        if adapter is not None:
-            from .adapters import get_adapter
-
-            get_adapter(adapter)  # fail on a bad name before loading gigabytes
-        device = torch.device(device) if device is not None else default_device()
-        if cpu_offload and device.type != "cuda":
-            raise ConfigError(f"cpu_offload needs a CUDA device (the pipeline's device is {device})")
-        dtype = dtype or default_dtype(device)
-        # Resolved before the backbone loads: a missing VAE costs a second, not a model load.
-        vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
-        # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
-        load_device = torch.device("cpu") if cpu_offload else device
-        sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype)
-        if vae_choice is not None:
-            replace_vae(sdxl, load_vae(vae_choice, dtype), vae_choice.name)
-            sdxl.vae.to(load_device)
-        loaded = None
-        if adapter is not None:
-            loaded = load_adapter(sdxl, adapter, backbone=spec.name, path=adapter_path, image_encoder=image_encoder)
-            sdxl.to(load_device)
-            loaded.projection.to(device=device, dtype=dtype)
-        pipe = cls(sdxl, spec, loaded, loras, vae=vae_choice)
-        pipe.set_vae_tiling(vae_tiling)
-        if cpu_offload:
-            pipe.enable_model_cpu_offload(device)
-        if compile:
-            pipe.compile()
-        return pipe
-
-    @property
-    def device(self) -> torch.device:
-        """Where the models run: the UNet's device, or the accelerator of CPU offload (diffusers'
-        ``_execution_device``: the offloaded weights themselves rest on the CPU)."""
-        return self._placement.device
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FastFacePipeline:
-        """Move (and/or cast) every model of the pipeline; returns the pipeline.
-
-        Use this rather than ``pipe.sdxl.to``: the pipeline reads its device and dtype once, here.
-        """
-        if self._offload_device is not None:
-            raise ConfigError("the pipeline uses model CPU offload: its models move by themselves")
-        target = torch.device(device) if device is not None else None
-        self.sdxl.to(device=target, dtype=dtype)
-        if self.adapter is not None:
-            self.adapter.projection.to(device=target, dtype=dtype)
-        self._upcast_vae()
-        self._placement = Placement.of(self.sdxl)
-        if self._compile_options is not None:  # compiled code is specialised to a device: start again
-            self._compiled = self._make_compiled(**self._compile_options)
-        return self
-
-    # -- the compiled path ---------------------------------------------------------------------------
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the UNet and the VAE decode run compiled (see :meth:`compile`)."""
-        return self._compiled is not None
-
-    def compile(self, *, mode: str | None = ..., backend: str = "inductor", strict: bool = False,
-                lora_scale: float = 1.0) -> None:
-        """Compile the UNet and the VAE decode (``torch.compile``) for every later call.
-
-        The LoRAs are fused first (at ``lora_scale`` for the adapter's, unless already fused) and
-        scale-power AM switches to the fused kernel, whose numbers reach the graph as tensors: the
-        adapter scale and AM scale can change between calls without recompiling. ``mode``: default
-        ``"reduce-overhead"`` (CUDA graphs) on CUDA, inductor's default elsewhere; ``backend``
-        "aot_eager"/"eager" compile without code generation. A compile beyond the expected set (one
-        graph per batch-of-1 and one for every other batch, per resolution) warns, or raises with
-        ``strict``; see :mod:`fastface.compiled` and :meth:`compile_report`.
-        """
-        from .compiled import default_mode
-
-        if self._offload_device is not None:
-            raise ConfigError("compile and cpu_offload cannot be combined")
-        if self._fused_loras is None:
-            self.fuse_loras(lora_scale)
-        self.set_am_kernel("fused")
-        options = {"mode": default_mode(self.device) if mode is ... else mode, "backend": backend, "strict": strict}
-        self._compiled = self._make_compiled(**options)
-        self._compile_options = options
-
-    def _make_compiled(self, **options: Any) -> Any:
-        from .compiled import CompiledModels
-
-        return CompiledModels(self.sdxl.unet, self.sdxl.vae, **options)
-
-    def compile_report(self) -> dict[str, Any] | None:
-        """Backend, mode and every graph compiled so far per model (None when not compiled)."""
-        return None if self._compiled is None else self._compiled.describe()
-
-    # -- memory options ------------------------------------------------------------------------------
-
-    @property
-    def cpu_offload(self) -> bool:
-        """Whether model CPU offload is on (see :meth:`enable_model_cpu_offload`)."""
-        return self._offload_device is not None
-
-    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
-        """Keep the models on the CPU and move each to ``device`` (CUDA) only while it runs.
-
-        diffusers' model CPU offload: one whole model at a time on the GPU (text encoders, image
-        encoder, UNet, VAE in that order), so the GPU holds the largest model, not all of them. The
-        adapter's small identity projection stays on the GPU.
-        """
-        target = torch.device(device) if device is not None else default_device()
-        if target.type != "cuda":
-            raise ConfigError(f"cpu_offload needs a CUDA device (got {target})")
-        if self._compiled is not None:
-            raise ConfigError("compile and cpu_offload cannot be combined")
-        if target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-        self.sdxl.enable_model_cpu_offload(device=target)
-        if self.adapter is not None:
-            self.adapter.projection.to(target)
-        self._offload_device = target
-        self._placement = Placement(target, self._placement.dtype)
-
-    @property
-    def vae_tiling(self) -> bool:
-        """Whether the VAE decodes in tiles."""
-        return bool(getattr(self.sdxl.vae, "use_tiling", False))
-
-    def set_vae_tiling(self, enabled: bool = True) -> None:
-        """Decode in overlapping tiles (constant memory for large images) or in one piece."""
-        vae = self.sdxl.vae
-        if enabled:
-            vae.enable_tiling()
-        elif hasattr(vae, "use_tiling"):
-            vae.disable_tiling()
-
-    def memory_options(self) -> dict[str, Any]:
-        """The memory options in effect: VAE (name, source, class), tiling, CPU offload."""
-        choice = self._vae_choice
-        return {
-            "vae": VAE_DEFAULT if choice is None else choice.name,
-            "vae_source": None if choice is None else choice.source,
-            "vae_class": type(self.sdxl.vae).__name__,
-            "vae_tiling": self.vae_tiling,
-            "cpu_offload": self.cpu_offload,
-        }
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the UNet computes in."""
-        return self._placement.dtype
-
-    @property
-    def lora_weights(self) -> dict[str, float]:
-        """Weights of the backbone's LoRAs (distillation, styles) by PEFT adapter name."""
-        return dict(self._lora_weights)
-
-    def set_lora_weights(self, weights: Mapping[str, float]) -> None:
-        """Change backbone LoRA weights (by adapter name, see :attr:`lora_weights`) for later calls."""
-        unknown = set(weights) - set(self._lora_weights)
-        if unknown:
-            raise ConfigError(
-                f"no backbone LoRA named {', '.join(sorted(unknown))}; loaded: {', '.join(self._lora_weights) or 'none'}"
-            )
-        if self._fused_loras is not None:
-            raise ConfigError("the LoRAs are fused into the UNet at fixed weights; load an unfused pipeline to change them")
-        self._lora_weights.update({k: float(v) for k, v in weights.items()})
+        return _load(
+            cls, backbone, adapter, base_model=base_model, adapter_path=adapter_path, image_encoder=image_encoder,
+            loras=loras, device=device, dtype=dtype, vae=vae, vae_tiling=vae_tiling, cpu_offload=cpu_offload,
+            scheduler=scheduler, cfg_scale=cfg_scale, compile=compile,
+        )
 
     @property
     def am_kernel(self) -> str:
@@ -409,58 +214,15 @@ class FastFacePipeline:
         self._am_kernel = make_am_kernel(kind)
         self._am_kernel_name = kind
 
-    @property
-    def fused_loras(self) -> dict[str, float] | None:
-        """The LoRA weights merged into the UNet by :meth:`fuse_loras`, or None when unfused."""
-        return None if self._fused_loras is None else dict(self._fused_loras)
-
-    def fuse_loras(self, lora_scale: float = 1.0) -> dict[str, float]:
-        """Merge every LoRA (distillation, styles, the adapter's own) into the UNet weights, once.
-
-        For a pipeline whose LoRA weights stay fixed: each linear layer then costs what the base
-        layer costs (no LoRA matmuls, no PEFT wrapper). All LoRAs are merged together, after all
-        are loaded, at the weights a call would activate (the backbone's, ``lora_scale`` for the
-        adapter's), and the LoRA layers are removed: loading another LoRA afterwards therefore
-        cannot silently drop a fused one (METHOD §4), there is none left to switch. Later calls
-        must use the same ``lora_scale``; :meth:`set_lora_weights` is refused. Returns the fused
-        weights by adapter name.
-        """
-        lora_scale = self._check_number(lora_scale, "lora_scale")
-        if self._fused_loras is not None:
-            raise ConfigError("the LoRAs are already fused")
-        weights = self._active_lora_weights(lora_scale)
-        if weights:
-            self._apply_loras(lora_scale)
-            unet = self.sdxl.unet
-            # fuse_lora merges each adapter with its current scaling (= the weights set above).
-            unet.fuse_lora(lora_scale=1.0, adapter_names=list(weights))
-            unet.unload_lora()
-        self._fused_loras = weights
-        self._applied_loras = dict(weights)
-        return dict(weights)
-
     def unload(self) -> None:
         """Restore the UNet's previous attention processors and drop the adapter and its LoRA."""
-        if self._fused_loras is not None and ID_LORA_ADAPTER in self._fused_loras:
-            raise ConfigError("the adapter's LoRA is fused into the UNet and cannot be removed; reload the backbone")
-        if self._previous_processors is not None:
-            uninstall(self.sdxl.unet, self._previous_processors)
-            self.sdxl.unload_ip_adapter()
-            self._previous_processors = None
-            self._ip_processors = {}
-        if self.adapter is not None and ID_LORA_ADAPTER in (getattr(self.sdxl.unet, "peft_config", None) or {}):
-            with warnings.catch_warnings():
-                # PEFT says which adapter it activates instead; the backbone's are re-set below.
-                warnings.filterwarnings("ignore", message=f"Adapter {ID_LORA_ADAPTER} was active")
-                self.sdxl.unet.delete_adapters(ID_LORA_ADAPTER)
-        self.adapter = None
-        self._applied_loras = None
-        if self._fused_loras is not None:
-            # Merged weights cannot be separated again: the UNet keeps the adapter LoRA's share.
-            return
-        if self._lora_weights:
-            self.sdxl.set_adapters(list(self._lora_weights), adapter_weights=list(self._lora_weights.values()))
-            self._applied_loras = dict(self._lora_weights)
+        with self._lock:
+            self._loras.check_removable(self._adapter_lora)
+            if self._previous_processors is not None and self.adapter is not None:
+                self.adapter.uninstall(self.sdxl, self._previous_processors)
+                self._previous_processors = None
+            self._loras.drop_adapter_lora(self._adapter_lora)
+            self.adapter = None
 
     # -- reusable encodings ----------------------------------------------------------------------
 
@@ -468,60 +230,37 @@ class FastFacePipeline:
         self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None
     ) -> PromptEmbeds:
         """Text conditions for ``prompt`` (one row per prompt); reusable across calls."""
-        prompts = _as_list(prompt, "prompt")
+        prompts = check_prompts(prompt, "prompt")
         negatives: list[str | None]
         if negative_prompt is None:
             negatives = [None] * len(prompts)
         else:
-            negatives = _as_list(negative_prompt, "negative_prompt")
+            negatives = list(check_prompts(negative_prompt, "negative_prompt"))
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
             if len(negatives) != len(prompts):
                 raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        with torch.no_grad():
-            cond, pooled = self._encode_text(prompts)
-            if negative_prompt is None:
-                # METHOD §2: the null text is all-zero token and pooled embeddings.
-                null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
-            else:
-                null, null_pooled = self._encode_text([n or "" for n in negatives])
+        cond, pooled, null, null_pooled = sampling.encode_text(
+            self.sdxl, prompts, None if negative_prompt is None else negatives, self.device
+        )
         dtype = self.dtype
         return PromptEmbeds(
             tuple(prompts), tuple(negatives), cond.to(dtype), pooled.to(dtype), null.to(dtype), null_pooled.to(dtype)
         )
 
-    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        # diffusers' encode_prompt, without asking each text encoder where it runs (a module walk).
-        return encode_sdxl_text(self.sdxl, prompts, self.device)
-
     def encode_identity(
-        self, face: Any, *, mode: str = "mean", backend: str | None = None
-    ) -> IdentityTokens:
-        """Identity tokens (and null tokens) for ``face``; reusable across calls.
+        self, face: Any, *, mode: str = "mean", backend: str | None = None, **options: Any
+    ) -> IdentityConditioning:
+        """Identity conditioning (tokens for I and ∅, adapter extras) for ``face``; reusable across calls.
 
         ``face``: an :class:`Identity`, an embedding array/tensor (D,) or (n, D), a ``.npy`` /
         ``.safetensors`` embedding file, or face photo path(s) (analysed with ``backend``, by default
-        the adapter's face backend).
+        the adapter's face backend). ``options``: the adapter's own options (e.g. a pose photo).
         """
         if self.adapter is None:
             raise ConfigError("this pipeline has no identity adapter (adapter=None)")
-        identity = self._identity(face, backend or self.adapter.spec.face_backend)
-        return self.adapter.encode(identity, mode=mode)
-
-    def _identity(self, face: Any, backend: str) -> Identity:
-        if isinstance(face, Identity):
-            return face
-        if isinstance(face, torch.Tensor):
-            return Identity.from_embeddings(face.detach().float().cpu().numpy())
-        if isinstance(face, np.ndarray) and face.ndim in (1, 2) and face.dtype.kind == "f":
-            return Identity.from_embeddings(face)
-        from . import faces
-
-        if isinstance(face, (str, os.PathLike)) and Path(face).suffix.lower() in (".npy", ".safetensors"):
-            return faces.load_embedding(face)
-        if face is None:
-            raise InputError("no face given: pass a photo, an embedding or an Identity")
-        return faces.build_identity(face, backend=backend)
+        identity = as_identity(face, backend or self.adapter.spec.face_backend or "dlib")
+        return self.adapter.encode(identity, mode=mode, **options)
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -543,6 +282,25 @@ class FastFacePipeline:
             raise ConfigError(f"guidance must be a GuidanceConfig or None, got {type(resolved).__name__}")
         return resolved, am
 
+    @classmethod
+    def from_config(cls, config: GenerationConfig) -> FastFacePipeline:
+        """Load the pipeline a :class:`~fastface.config.GenerationConfig` describes (validated first)."""
+        config.validate()
+        pipe = cls.from_pretrained(**config.pipeline_kwargs())
+        # Offloaded weights move between devices, so they stay unfused there.
+        if config.fuse_loras and not config.cpu_offload:
+            pipe.fuse_loras(config.lora_scale)
+        if config.compile:  # after fusing: the graphs hold the fused weights
+            pipe.compile(lora_scale=config.lora_scale)
+        return pipe
+
+    def generate(self, config: GenerationConfig, face: Any = None, **overrides: Any) -> GenerationResult:
+        """One call with the prompts and options of ``config`` (``overrides``: e.g. progress, callback)."""
+        if not config.prompts and "prompt_embeds" not in overrides:
+            raise ConfigError("the configuration has no prompt")
+        kwargs = config.call_kwargs(self.backbone.cfg_scale) | overrides
+        return self(list(config.prompts) or None, face, **kwargs)
+
     def __call__(
         self,
         prompt: str | Sequence[str] | None,
@@ -555,140 +313,100 @@ class FastFacePipeline:
         steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        ip_scale: float = 0.8,
-        lora_scale: float = 1.0,
+        ip_scale: float = DEFAULT_IP_SCALE,
+        lora_scale: float = DEFAULT_LORA_SCALE,
         guidance: GuidanceConfig | None = None,
         attention: AttentionManipulation | None | Any = _FROM_METHOD,
         output_type: str = "pil",
         progress: bool = True,
         prompt_embeds: PromptEmbeds | None = None,
-        identity_tokens: IdentityTokens | None = None,
+        identity_tokens: IdentityConditioning | None = None,
         identity_mode: str = "mean",
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        adapter_options: Mapping[str, Any] | None = None,
     ) -> GenerationResult:
         """Generate ``len(prompts) × num_images_per_prompt`` images of ``face``.
 
         Image i uses seed ``seed + i`` (or ``seed[i]``) and equals that seed generated alone.
         ``method`` names a preset (``fastface``, ``fastface-softmask``, ``dcg``, ``am``, ``none``);
         ``guidance``/``attention`` override its parts (``attention=None`` switches AM off).
-        ``callback(k, latents)`` runs after each step k.
+        ``callback(k, latents)`` runs after each step k. ``adapter_options`` go to the adapter's
+        ``encode`` (e.g. InstantID's pose photo). Values are checked as
+        :meth:`GenerationConfig.validate` checks them (``limits``: the upper bounds). Calls on one
+        pipeline from several threads run one after the other.
         """
-        start = time.perf_counter()
-        device = self.device
-        cfg, am = self.resolve_method(method, guidance, attention)
-        num_steps = self._check_steps(steps)
-        plans = plan_steps(cfg, num_steps)
-        height, width = self._check_size(height, width)
-        if output_type not in _OUTPUT_TYPES:
-            raise ConfigError(f"output_type must be one of {', '.join(_OUTPUT_TYPES)}; got {output_type!r}")
-        ip_scale = self._check_number(ip_scale, "ip_scale")
-        lora_scale = self._check_number(lora_scale, "lora_scale")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        with self._lock:
+            clock = StageClock(self.device)
+            # 1. check the request (no model runs before every value is known to be usable)
+            request = _check_request(
+                self, prompt, method, guidance, attention, steps, height, width, output_type, ip_scale,
+                lora_scale, num_images_per_prompt, negative_prompt, limits,
+            )
+            num_prompts = len(prompt_embeds) if prompt_embeds is not None else len(check_prompts(prompt or "", "prompt"))
+            num_images = check_num_images(num_images_per_prompt, num_prompts, limits) * num_prompts
+            seeds = check_seeds(seed, num_images)
+            clock.mark("identity")
+            # 2. identity conditioning: once per call (or reused from the caller)
+            conditioning = self._identity_conditioning(face, identity_tokens, identity_mode, adapter_options or {})
+            if conditioning is not None:
+                # size-dependent extras (InstantID's keypoint image at the output size), once per call
+                conditioning = self.adapter.prepare_call(conditioning, height=request.height, width=request.width)
+            clock.mark("prompt")
+            # 3. text conditions
+            embeds = self._prompt_embeds(prompt, negative_prompt, prompt_embeds)
+            clock.mark("setup")
+            # 4. sampling set-up: LoRAs, scheduler, noise, every step's UNet inputs
+            run = _set_up(self, request, embeds, num_images_per_prompt, conditioning, seeds)
+            clock.mark("loop")
+            # 5. denoising loop
+            latents = sampling.denoise(
+                self.sdxl.unet if self._compiled is None else self._compiled.unet, run.scheduler, run.latents, run.timesteps, run.timesteps_host, run.inputs,
+                run.attention_kwargs, request.guidance.decomposition, kwargs_for_step=run.step_kwargs,
+                cond=run.timestep_cond, adapter=self.adapter, conditioning=conditioning, callback=callback,
+                progress=progress, desc=f"fastface {self.backbone.name}",
+            )
+            clock.mark("decode")
+            # 6. decode
+            images = sampling.decode(self.sdxl, latents, output_type, self._decoder())
+            if self._offload_device is not None:
+                self.sdxl.maybe_free_model_hooks()  # the VAE (or UNet) leaves the GPU, as in diffusers
+            clock.mark("end")
+            # 7. describe
+            timings = clock.durations_ms({
+                "identity": ("identity", "prompt"), "prompt": ("prompt", "setup"), "setup": ("setup", "loop"),
+                "denoise": ("loop", "decode"),
+                "decode": ("decode", "end"), "total": ("start", "end"),
+            })
+            metadata = meta.call_metadata(self, request, embeds, num_images_per_prompt, seeds, conditioning, timings)
+            return GenerationResult(images=images, latents=latents, metadata=metadata)
 
-        # Identity tokens: once per call (or reused from the caller).
-        synchronize(device)
-        t_identity = time.perf_counter()
-        tokens = self._identity_tokens(face, identity_tokens, identity_mode)
-        synchronize(device)
-        t_prompt = time.perf_counter()
-        if prompt_embeds is None:
-            if prompt is None:
-                raise ConfigError("give a prompt (or prompt_embeds from encode_prompt)")
-            prompt_embeds = self.encode_prompt(prompt, negative_prompt)
-        elif prompt is not None and list(prompt_embeds.prompts) != _as_list(prompt, "prompt"):
-            raise ConfigError("prompt and prompt_embeds disagree: pass one of them")
-        synchronize(device)
-        t_setup = time.perf_counter()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Any]:
+        """Decode final latents (n, 4, h/8, w/8) with the pipeline's VAE to PIL images or arrays ("np")."""
+        if output_type not in ("pil", "np"):
+            raise ConfigError(f"output_type must be 'pil' or 'np' to decode; got {output_type!r}")
+        return sampling.decode(self.sdxl, latents.to(self.device), output_type, self._decoder())
 
-        num_images = len(prompt_embeds) * num_images_per_prompt
-        seeds = self._seeds(seed, num_images)
-        self._apply_loras(lora_scale)
-        scheduler = self._fresh_scheduler()
-        timesteps, timesteps_host = self._timesteps(scheduler, num_steps, device)
-        # Generators on the device: the stochastic schedulers (LCM, TCD, Euler ancestral) draw
-        # noise at every step, which from host generators would be a blocking copy per step.
-        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        latents = self._initial_latents(scheduler, generators, num_images, height, width)
-        inputs = self._step_inputs(
-            plans, prompt_embeds, num_images_per_prompt, tokens, ip_scale, am, height, width, cfg
-        )
-        step_kwargs = self._step_kwargs(scheduler, generators)
-        timestep_cond = self._timestep_cond(num_images)
-        if self._offload_device is not None:
-            # Encoders used just now (or by an earlier encode_* call) go back to the CPU, so that
-            # the UNet, the largest model, has the GPU to itself during the loop.
-            self.sdxl.maybe_free_model_hooks()
+    def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        # The compiled decode, unless the VAE was replaced after compile()
+        compiled = self._compiled
+        return compiled.decode if compiled is not None and compiled.vae is self.sdxl.vae else None
 
-        synchronize(device)
-        t_loop = time.perf_counter()
-        latents = self._denoise(
-            scheduler, latents, timesteps, timesteps_host, inputs, step_kwargs, timestep_cond, cfg,
-            callback, progress,
-        )
-        synchronize(device)
-        t_decode = time.perf_counter()
-        images = self._decode(latents, output_type)
-        if self._offload_device is not None:
-            self.sdxl.maybe_free_model_hooks()  # the VAE (or UNet) leaves the GPU, as in diffusers
-        synchronize(device)
-        end = time.perf_counter()
+    # -- stages ------------------------------------------------------------------------------------
 
-        timings = {
-            "identity": (t_prompt - t_identity) * 1000,
-            "prompt": (t_setup - t_prompt) * 1000,
-            "setup": (t_loop - t_setup) * 1000,
-            "denoise": (t_decode - t_loop) * 1000,
-            "decode": (end - t_decode) * 1000,
-            "total": (end - start) * 1000,
-        }
-        metadata = self._metadata(
-            prompt_embeds, num_images_per_prompt, seeds, method, cfg, am, plans, tokens, height, width,
-            ip_scale, lora_scale, timings,
-        )
-        return GenerationResult(images=images, latents=latents, metadata=metadata)
-
-    # -- argument checks ---------------------------------------------------------------------------
-
-    def _check_steps(self, steps: int | None) -> int:
-        if steps is None:
-            return self.backbone.steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-        return steps
-
-    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        height = height or self.backbone.resolution
-        width = width or self.backbone.resolution
+    def size_multiple(self) -> int:
+        """What height and width must be a multiple of: the VAE scale × the UNet's downsampling."""
         unet = self.sdxl.unet
-        multiple = self.sdxl.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
-                raise ConfigError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
-        return height, width
+        return self.sdxl.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
-    @staticmethod
-    def _check_number(value: float, name: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
-
-    @staticmethod
-    def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            return [int(seed) + i for i in range(count)]
-        if isinstance(seed, Sequence) and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
-            if len(seed) != count:
-                raise ConfigError(f"{len(seed)} seeds given for {count} images")
-            return [int(s) for s in seed]
-        raise ConfigError(f"seed must be an integer or a list of integers, got {seed!r}")
-
-    def _identity_tokens(self, face: Any, given: IdentityTokens | None, mode: str) -> IdentityTokens | None:
+    def _identity_conditioning(
+        self, face: Any, given: IdentityConditioning | None, mode: str, options: Mapping[str, Any]
+    ) -> IdentityConditioning | None:
         if self.adapter is None:
             if face is not None or given is not None:
                 raise ConfigError("this pipeline has no identity adapter (adapter=None): pass no face")
             return None
-        if given is None and isinstance(face, IdentityTokens):
+        if given is None and isinstance(face, IdentityConditioning):
             given = face
         if given is not None:
             if given.info.get("adapter") != self.adapter.spec.name:
@@ -699,309 +417,199 @@ class FastFacePipeline:
             return given
         if face is None:
             raise InputError(f"the {self.adapter.spec.name} adapter needs a face: a photo, an embedding or an Identity")
-        return self.encode_identity(face, mode=mode)
+        return self.encode_identity(face, mode=mode, **options)
 
-    # -- set-up before the loop --------------------------------------------------------------------
+    def _prompt_embeds(self, prompt: Any, negative_prompt: Any, given: PromptEmbeds | None) -> PromptEmbeds:
+        if given is None:
+            if prompt is None:
+                raise ConfigError("give a prompt (or prompt_embeds from encode_prompt)")
+            return self.encode_prompt(prompt, negative_prompt)
+        if prompt is not None and list(given.prompts) != check_prompts(prompt, "prompt"):
+            raise ConfigError("prompt and prompt_embeds disagree: pass one of them")
+        return given
 
-    def _active_lora_weights(self, lora_scale: float) -> dict[str, float]:
-        weights = dict(self._lora_weights)
-        if self.adapter is not None and ID_LORA_ADAPTER in (getattr(self.sdxl.unet, "peft_config", None) or {}):
-            weights[ID_LORA_ADAPTER] = lora_scale
-        return weights
+@dataclass(frozen=True)
+class _Request:
+    """A call's checked options: method, guidance, AM, step plans, size, scales."""
 
-    def _apply_loras(self, lora_scale: float) -> None:
-        """Activate every LoRA at its weight (distillation, styles, the adapter's own)."""
-        if self._fused_loras is not None:
-            fused_scale = self._fused_loras.get(ID_LORA_ADAPTER)
-            if fused_scale is not None and fused_scale != lora_scale:
-                raise ConfigError(
-                    f"the adapter LoRA is fused at lora_scale={fused_scale:g}; this call asks for {lora_scale:g}"
-                )
-            return
-        weights = self._active_lora_weights(lora_scale)
-        if weights and weights != self._applied_loras:
-            self.sdxl.set_adapters(list(weights), adapter_weights=list(weights.values()))
-            self._applied_loras = weights
+    method: str
+    guidance: GuidanceConfig
+    attention: AttentionManipulation | None
+    plans: list[StepPlan]
+    height: int
+    width: int
+    ip_scale: float
+    lora_scale: float
 
-    def _fresh_scheduler(self) -> Any:
-        # A copy per call: a scheduler keeps its step index and timesteps, which must not leak
-        # from one call (perhaps interrupted) into the next, or between pipelines.
-        base = self.sdxl.scheduler
-        return type(base).from_config(base.config)
 
-    def _timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> tuple[torch.Tensor, list[Any]]:
-        """Timesteps on the device (for the UNet) and on the host (for the scheduler).
+@dataclass(frozen=True)
+class _Run:
+    """Everything the loop needs, built before it starts."""
 
-        The scheduler's own tables stay on the host: LCM, TCD and DDIM index and compare them with
-        the timestep, which with device tensors would synchronise at every step.
-        """
-        custom = self.backbone.timesteps
-        if custom is not None and len(custom) == num_steps:
-            scheduler.set_timesteps(device="cpu", timesteps=list(custom))
-        else:
-            scheduler.set_timesteps(num_steps, device="cpu")
-        if getattr(scheduler, "order", 1) != 1 or len(scheduler.timesteps) != num_steps:
-            raise ConfigError(f"scheduler {type(scheduler).__name__} is not a one-evaluation-per-step scheduler")
-        if hasattr(scheduler, "set_begin_index"):
-            # Without a begin index some schedulers look their index up from the timestep value.
-            scheduler.set_begin_index(0)
-        host = scheduler.timesteps
-        return host.to(device), list(host)
+    scheduler: Any
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    timesteps_host: list[Any]
+    inputs: list[StepInputs]
+    attention_kwargs: list[dict[str, Any] | None]
+    step_kwargs: dict[str, Any]
+    timestep_cond: torch.Tensor | None
 
-    def _initial_latents(
-        self, scheduler: Any, generators: list[torch.Generator], count: int, height: int, width: int
-    ) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
 
-        factor = self.sdxl.vae_scale_factor
-        shape = (count, self.sdxl.unet.config.in_channels, height // factor, width // factor)
-        # One generator per image: image i depends on its own seed only.
-        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        return noise * scheduler.init_noise_sigma
+def _check_request(
+    pipe: FastFacePipeline, prompt: Any, method: str, guidance: GuidanceConfig | None, attention: Any, steps: int | None,
+    height: int | None, width: int | None, output_type: str, ip_scale: float, lora_scale: float,
+    num_images_per_prompt: int, negative_prompt: Any, limits: Limits,
+) -> _Request:
+    if not isinstance(limits, Limits):
+        raise ConfigError(f"limits must be a Limits, got {type(limits).__name__}")
+    cfg, am = pipe.resolve_method(method, guidance, attention)
+    num_steps = check_steps(pipe.backbone.steps if steps is None else steps, limits)
+    plans = plan_steps(cfg, num_steps)
+    multiple = pipe.size_multiple()
+    height = check_size("height", pipe.backbone.resolution if height is None else height, multiple, limits)
+    width = check_size("width", pipe.backbone.resolution if width is None else width, multiple, limits)
+    if output_type not in _OUTPUT_TYPES:
+        raise ConfigError(f"output_type must be one of {', '.join(_OUTPUT_TYPES)}; got {output_type!r}")
+    ip_scale = check_number(ip_scale, "ip_scale", minimum=0.0)
+    lora_scale = check_number(lora_scale, "lora_scale")
+    check_num_images(num_images_per_prompt, 1, limits)
+    if prompt is not None:
+        check_prompts(prompt, "prompt")
+    if isinstance(negative_prompt, str):
+        check_text(negative_prompt, "negative_prompt")
+    return _Request(method, cfg, am, plans, height, width, ip_scale, lora_scale)
 
-    def _step_kwargs(self, scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
-        import inspect
 
-        accepted = set(inspect.signature(scheduler.step).parameters)
-        kwargs: dict[str, Any] = {}
-        if "generator" in accepted:
-            kwargs["generator"] = generators
-        if "eta" in accepted:
-            kwargs["eta"] = 0.0
-        kwargs.update({k: v for k, v in self.backbone.step_kwargs.items() if k in accepted})
-        return kwargs
-
-    def _timestep_cond(self, count: int) -> torch.Tensor | None:
-        # UNets distilled with a guidance embedding (LCM-distilled UNets) take w - 1 as input.
-        dim = self.sdxl.unet.config.time_cond_proj_dim
-        if dim is None:
-            return None
-        w = torch.full((count,), self.backbone.cfg_scale - 1.0)
-        return self.sdxl.get_guidance_scale_embedding(w, embedding_dim=dim).to(self.device, self.dtype)
-
-    def _step_inputs(
-        self,
-        plans: list[StepPlan],
-        embeds: PromptEmbeds,
-        per_prompt: int,
-        tokens: IdentityTokens | None,
-        ip_scale: float,
-        am: AttentionManipulation | None,
-        height: int,
-        width: int,
-        cfg: GuidanceConfig,
-    ) -> list[_StepInputs]:
-        """UNet inputs of every step: branch-major stacks of (text, identity) conditions."""
-        device, dtype = self.device, self.dtype
-        # Per image: the prompt row it comes from.
-        rows = torch.arange(len(embeds), device=device).repeat_interleave(per_prompt)
-        text = {True: embeds.cond.to(device)[rows], False: embeds.null.to(device)[rows]}
-        pooled = {True: embeds.pooled.to(device)[rows], False: embeds.null_pooled.to(device)[rows]}
-        count = int(rows.shape[0])
-        ident = None
-        if tokens is not None:
-            ident = {
-                True: tokens.cond.to(device, dtype).expand(count, -1, -1),
-                False: tokens.null.to(device, dtype).expand(count, -1, -1),
-            }
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
-        cache: dict[tuple, tuple] = {}
-        contexts = None
-        if ident is not None:
-            contexts = CallContexts(
-                self._ip_processors, ip_scale, am, kernel=self._am_kernel_name, am_kernel=self._am_kernel,
-                device=device, project=self._offload_device is None,
-            )
-        result = []
-        for plan in plans:
-            # Without an adapter the identity condition does not exist: "id" is "null", "full" is
-            # "text"; such duplicates are evaluated once.
-            conditions = []
-            for branch in plan.branches:
-                with_text, with_id = _BRANCH_CONDITIONS[branch]
-                key = (with_text, with_id and ident is not None)
-                if key not in conditions:
-                    conditions.append(key)
-            branch_rows = {}
-            for branch in plan.branches:
-                with_text, with_id = _BRANCH_CONDITIONS[branch]
-                branch_rows[branch] = conditions.index((with_text, with_id and ident is not None))
-            signature = tuple(conditions)
-            if signature not in cache:
-                n = len(conditions)
-                states = torch.cat([text[t] for t, _ in conditions])
-                added = {
-                    "text_embeds": torch.cat([pooled[t] for t, _ in conditions]),
-                    "time_ids": time_ids.expand(n * count, -1),
-                }
-                id_tokens = torch.cat([ident[i] for _, i in conditions]) if ident is not None else None
-                cache[signature] = (states, added, id_tokens)
-            states, added, id_tokens = cache[signature]
-            kwargs = None
-            if id_tokens is not None and contexts is not None:
-                kwargs = {CONTEXT_KEY: contexts.context(id_tokens, plan.step)}
-            result.append(_StepInputs(plan, branch_rows, len(conditions), states, added, kwargs))
-        return result
-
-    # -- the loop ------------------------------------------------------------------------------------
-
-    def _denoise(
-        self,
-        scheduler: Any,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        timesteps_host: list[Any],
-        inputs: list[_StepInputs],
-        step_kwargs: dict[str, Any],
-        timestep_cond: torch.Tensor | None,
-        cfg: GuidanceConfig,
-        callback: Callable[[int, torch.Tensor], None] | None,
-        progress: bool,
-    ) -> torch.Tensor:
-        unet = self.sdxl.unet if self._compiled is None else self._compiled.unet
-        bar = tqdm(total=len(inputs), desc=f"fastface {self.backbone.name}", disable=not progress, leave=False)
-        try:
-            with torch.no_grad():
-                for k, step in enumerate(inputs):
-                    t = timesteps[k]
-                    model_input = scheduler.scale_model_input(latents, timesteps_host[k])
-                    if step.num_chunks > 1:
-                        model_input = model_input.repeat(step.num_chunks, 1, 1, 1)
-                    cond = None if timestep_cond is None else timestep_cond.repeat(step.num_chunks, 1)
-                    out = unet(
-                        model_input,
-                        t,
-                        encoder_hidden_states=step.encoder_hidden_states,
-                        timestep_cond=cond,
-                        cross_attention_kwargs=step.cross_attention_kwargs,
-                        added_cond_kwargs=step.added_cond_kwargs,
-                        return_dict=False,
-                    )[0]
-                    chunks = out.chunk(step.num_chunks)
-                    preds = {branch: chunks[row] for branch, row in step.rows.items()}
-                    noise = combine_branches(preds, step.plan, cfg.decomposition)
-                    latents = scheduler.step(noise, timesteps_host[k], latents, **step_kwargs, return_dict=False)[0]
-                    if callback is not None:
-                        callback(k, latents)
-                    bar.update()
-        finally:
-            bar.close()
-        return latents
-
-    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Any]:
-        """Decode final latents (n, 4, h/8, w/8) with the pipeline's VAE to PIL images or arrays ("np")."""
-        if output_type not in ("pil", "np"):
-            raise ConfigError(f"output_type must be 'pil' or 'np' to decode; got {output_type!r}")
-        return self._decode(latents.to(self.device), output_type)
-
-    def _decode(self, latents: torch.Tensor, output_type: str) -> list[Any]:
-        if output_type == "latent":
-            return []
-        vae = self.sdxl.vae
-        with torch.no_grad():
-            # As diffusers' SDXL pipeline: the KL VAEs undo their scaling (and per-channel
-            # statistics where the config has them); AutoencoderTiny has neither statistics nor
-            # upcast, its scaling_factor is 1 and its decoder outputs [-1, 1] like the KL decoder.
-            z = latents.to(module_dtype(vae))
-            mean = getattr(vae.config, "latents_mean", None)
-            std = getattr(vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(z.device, z.dtype)
-                std_t = torch.tensor(std).view(1, -1, 1, 1).to(z.device, z.dtype)
-                z = z * std_t / vae.config.scaling_factor + mean_t
-            else:
-                z = z / vae.config.scaling_factor
-            if self._compiled is not None and self._compiled.vae is vae:
-                image = self._compiled.decode(z)
-            else:  # eager, or a VAE put in after compile()
-                image = vae.decode(z, return_dict=False)[0]
-        watermark = getattr(self.sdxl, "watermark", None)
-        if watermark is not None:
-            image = watermark.apply_watermark(image)
-        return list(self.sdxl.image_processor.postprocess(image, output_type=output_type))
-
-    # -- metadata --------------------------------------------------------------------------------
-
-    def _licences(self, tokens: IdentityTokens | None) -> dict[str, Any]:
-        licence: dict[str, Any] = {"backbone": list(self.backbone.licence)}
-        if self.adapter is not None:
-            licence["adapter"] = list(self.adapter.spec.licence)
-        if self._vae_choice is not None:
-            licence["vae"] = self._vae_choice.licence
-        if tokens is not None:
-            backend = str(tokens.info.get("backend"))
-            licence["face_model"] = _face_licence(backend) or f"see the '{backend}' face backend's licence"
-        return licence
-
-    def _version_info(self) -> dict[str, str]:
-        # importlib.metadata scans the installed distributions: once per pipeline, not per call.
-        if self._version_cache is None:
-            self._version_cache = _versions()
-        return dict(self._version_cache)
-
-    def _metadata(
-        self,
-        embeds: PromptEmbeds,
-        per_prompt: int,
-        seeds: list[int],
-        method: str,
-        cfg: GuidanceConfig,
-        am: AttentionManipulation | None,
-        plans: list[StepPlan],
-        tokens: IdentityTokens | None,
-        height: int,
-        width: int,
-        ip_scale: float,
-        lora_scale: float,
-        timings: dict[str, float],
-    ) -> list[dict[str, Any]]:
-        has_identity = tokens is not None
-        evaluations = sum(
-            len({(_BRANCH_CONDITIONS[b][0], _BRANCH_CONDITIONS[b][1] and has_identity) for b in plan.branches})
-            for plan in plans
+def _set_up(
+    pipe: FastFacePipeline, request: _Request, embeds: PromptEmbeds, per_prompt: int,
+    conditioning: IdentityConditioning | None, seeds: list[int],
+) -> _Run:
+    device, dtype = pipe.device, pipe.dtype
+    pipe._loras.apply(pipe._adapter_lora, request.lora_scale)
+    scheduler = sampling.fresh_scheduler(pipe.sdxl)
+    timesteps, timesteps_host = sampling.set_timesteps(scheduler, pipe.backbone, len(request.plans), device)
+    # Generators on the device: the stochastic schedulers (LCM, TCD, Euler ancestral) draw
+    # noise at every step, which from host generators would be a blocking copy per step.
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    latents = sampling.initial_latents(
+        pipe.sdxl, scheduler, generators, len(seeds), request.height, request.width, device, dtype
+    )
+    rows = image_rows(len(embeds), per_prompt, device)
+    inputs = assemble_step_inputs(
+        request.plans,
+        text=embeds.cond.to(device)[rows],
+        null_text=embeds.null.to(device)[rows],
+        pooled=embeds.pooled.to(device)[rows],
+        null_pooled=embeds.null_pooled.to(device)[rows],
+        time_ids=sdxl_time_ids(request.height, request.width, device=device, dtype=dtype),
+        identity=None if conditioning is None else conditioning.cond.to(device, dtype),
+        null_identity=None if conditioning is None else conditioning.null.to(device, dtype),
+    )
+    contexts = None
+    if pipe._ip_processors and conditioning is not None:
+        # What is fixed for the whole call (identity K/V per token stack, tensor scales, fused parts),
+        # built once; under CPU offload the K/V weights reach the GPU only inside the UNet's forward.
+        contexts = CallContexts(
+            pipe._ip_processors, request.ip_scale, request.attention, kernel=pipe._am_kernel_name,
+            am_kernel=pipe._am_kernel, device=device, project=pipe._offload_device is None,
+            tokens_per_photo=pipe.adapter.tokens_per_photo,
         )
-        shared = {
-            "backbone": self.backbone.name,
-            "backbone_config": self.backbone.to_dict(),
-            "adapter": None if self.adapter is None else self.adapter.spec.name,
-            "adapter_config": None if self.adapter is None else self.adapter.describe(),
-            "method": method,
-            "guidance": cfg.to_dict(),
-            "attention": None if am is None else am.to_dict(),
-            "schedule": [
-                {"step": p.step, "alpha": p.alpha, "beta": p.beta, "rescale": p.rescale, "branches": list(p.branches)}
-                for p in plans
-            ],
-            "steps": len(plans),
-            "height": height,
-            "width": width,
-            "ip_scale": ip_scale if has_identity else None,
-            "lora_scale": lora_scale if has_identity else None,
-            "lora_weights": dict(self._lora_weights),
-            "loras_fused": self._fused_loras is not None,
-            "identity": None if tokens is None else dict(tokens.info),
-            "unet_evaluations": evaluations,
-            "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "memory": self.memory_options(),
-            "compiled": self.compile_report(),
-            "versions": self._version_info(),
-            "licence": self._licences(tokens),
-        }
-        result = []
-        for index, seed in enumerate(seeds):
-            row = index // per_prompt
-            result.append(
-                {
-                    "prompt": embeds.prompts[row],
-                    "negative_prompt": embeds.negative_prompts[row],
-                    "seed": seed,
-                    "index": index,
-                    **copy.deepcopy(shared),
-                }
-            )
-        return result
+    attention_kwargs = [_attention_kwargs(pipe, step, request, conditioning, contexts) for step in inputs]
+    run = _Run(
+        scheduler, latents, timesteps, timesteps_host, inputs, attention_kwargs,
+        sampling.step_kwargs(scheduler, pipe.backbone, generators),
+        sampling.timestep_cond(pipe.sdxl, pipe.backbone, len(seeds), device, dtype),
+    )
+    if pipe._offload_device is not None:
+        # Encoders used just now (or by an earlier encode_* call) go back to the CPU, so that
+        # the UNet, the largest model, has the GPU to itself during the loop.
+        pipe.sdxl.maybe_free_model_hooks()
+    return run
+
+def _attention_kwargs(
+    pipe: FastFacePipeline, step: StepInputs, request: _Request, conditioning: IdentityConditioning | None,
+    contexts: CallContexts | None,
+) -> dict[str, Any] | None:
+    if pipe.adapter is None or step.identity_tokens is None:
+        return None
+    return pipe.adapter.attention_kwargs(
+        step.identity_tokens, scale=request.ip_scale, step=step.plan.step, attention=request.attention,
+        am_kernel=pipe._am_kernel, conditioning=conditioning, contexts=contexts,
+    )
 
 
-__all__ = ["BRANCHES", "FastFacePipeline", "GenerationResult", "IdentityTokens", "PromptEmbeds", "replace_vae"]
+def _load(
+    cls: type[FastFacePipeline], backbone: str, adapter: str | None, *, base_model: Any, adapter_path: Any,
+    image_encoder: Any, loras: Sequence[Any], device: Any, dtype: Any, vae: Any, vae_tiling: bool,
+    cpu_offload: bool, scheduler: str | None, cfg_scale: float | None, compile: bool,
+) -> FastFacePipeline:
+    """The body of :meth:`FastFacePipeline.from_pretrained` (its arguments, checked then loaded)."""
+    spec = with_scheduler(get_backbone(backbone), scheduler, cfg_scale)
+    if adapter is not None:
+        from .adapters import get_adapter
+
+        get_adapter(adapter)  # fail on a bad name before loading gigabytes
+    device = check_device(device)
+    if compile and cpu_offload:
+        raise ConfigError("compile and cpu_offload cannot be combined")
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(f"cpu_offload needs a CUDA device (the pipeline's device is {device})")
+    dtype = check_dtype(dtype) or default_dtype(device)
+    # Resolved before the backbone loads: a missing VAE costs a second, not a model load.
+    vae_choice = None if vae is None or vae == VAE_DEFAULT else resolve_vae(vae)
+    # Offloaded models are loaded on the CPU: the whole pipeline need never fit on the GPU.
+    load_device = torch.device("cpu") if cpu_offload else device
+    sdxl = load_backbone(spec.name, base_model=base_model, loras=loras, device=load_device, dtype=dtype, spec=spec)
+    if vae_choice is not None:
+        replace_vae(sdxl, load_vae(vae_choice, dtype), vae_choice.name)
+        sdxl.vae.to(load_device)
+    loaded = None
+    if adapter is not None:
+        loaded = load_adapter(sdxl, adapter, backbone=spec.name, path=adapter_path, image_encoder=image_encoder)
+        sdxl.to(load_device)
+        loaded.to(device=device, dtype=dtype)
+    pipe = cls(sdxl, spec, loaded, loras, vae=vae_choice)
+    pipe.set_vae_tiling(vae_tiling)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device)
+    if compile:
+        pipe.compile()
+    return pipe
+
+
+def as_identity(face: Any, backend: str) -> Identity:
+    """An :class:`Identity` from what a caller may pass as ``face`` (checked: one clear error otherwise)."""
+    if isinstance(face, Identity):
+        return face
+    if isinstance(face, torch.Tensor):
+        return Identity.from_embeddings(face.detach().float().cpu().numpy())
+    if isinstance(face, np.ndarray) and face.ndim in (1, 2):
+        return Identity.from_embeddings(face)
+    from . import faces
+
+    if isinstance(face, (str, os.PathLike)) and Path(face).suffix.lower() in (".npy", ".safetensors"):
+        return faces.load_embedding(face)
+    if face is None:
+        raise InputError("no face given: pass a photo, an embedding or an Identity")
+    photo = (str, os.PathLike, bytes, np.ndarray)
+    if isinstance(face, photo) or hasattr(face, "convert") or (
+        isinstance(face, (list, tuple)) and face and all(isinstance(f, photo) or hasattr(f, "convert") for f in face)
+    ):
+        return faces.build_identity(face, backend=backend)
+    raise InputError(
+        f"face must be an Identity, an embedding array or tensor, an embedding file or face photo path(s); "
+        f"got {type(face).__name__}"
+    )
+
+
+__all__ = [
+    "BRANCHES",
+    "FastFacePipeline",
+    "GenerationResult",
+    "IdentityConditioning",
+    "IdentityTokens",
+    "PromptEmbeds",
+    "as_identity",
+    "replace_vae",
+]

@@ -42,6 +42,59 @@ class Placement:
         return cls(offload_device if offload_device is not None else parameter.device, parameter.dtype)
 
 
+class PlacementMixin:
+    """``device``/``dtype`` read from a cached :class:`Placement`, and ``to`` that moves and re-reads it.
+
+    For a pipeline with ``sdxl``, ``adapter``, ``_offload_device``, ``_placement`` and (optionally
+    compiled) ``_compile_options`` / ``_make_compiled``.
+    """
+
+    sdxl: Any
+    adapter: Any
+    _offload_device: torch.device | None
+    _placement: Placement
+    _compiled: Any
+    _compile_options: dict[str, Any] | None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models run: the UNet's device, or the accelerator of CPU offload (diffusers'
+        ``_execution_device``: the offloaded weights themselves rest on the CPU)."""
+        return self._placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the UNet computes in."""
+        return self._placement.dtype
+
+    def _upcast_vae(self) -> None:
+        vae = self.sdxl.vae
+        # AutoencoderTiny and the fp16-fix VAE say force_upcast=False (or nothing): they stay in float16.
+        if module_dtype(vae) == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # The SDXL VAE overflows in float16. diffusers casts it up and back down around every
+            # decode; keeping it in float32 once costs ~160 MB and leaves no cast inside calls.
+            vae.to(torch.float32)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+        """Move (and/or cast) every model of the pipeline; returns the pipeline.
+
+        Use this rather than ``pipe.sdxl.to``: the pipeline reads its device and dtype once, here.
+        """
+        from .errors import ConfigError
+
+        if self._offload_device is not None:
+            raise ConfigError("the pipeline uses model CPU offload: its models move by themselves")
+        target = torch.device(device) if device is not None else None
+        self.sdxl.to(device=target, dtype=dtype)
+        if self.adapter is not None:
+            self.adapter.to(device=target, dtype=dtype)
+        self._upcast_vae()
+        self._placement = Placement.of(self.sdxl)
+        if self._compile_options is not None:  # compiled code is specialised to a device: start again
+            self._compiled = self._make_compiled(**self._compile_options)  # type: ignore[attr-defined]
+        return self
+
+
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of a module's first floating-point parameter (no walk over its sub-modules)."""
     for parameter in module.parameters():
@@ -85,4 +138,4 @@ def encode_sdxl_text(sdxl: Any, prompts: Sequence[str], device: torch.device) ->
     return embeds.to(dtype=dtype, device=device), pooled.to(device)
 
 
-__all__ = ["Placement", "encode_sdxl_text", "module_dtype"]
+__all__ = ["Placement", "PlacementMixin", "encode_sdxl_text", "module_dtype"]

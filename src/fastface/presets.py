@@ -13,6 +13,12 @@ from .errors import ConfigError
 from .guidance import GuidanceConfig
 
 DEFAULT_METHOD = "fastface"
+# The adapter scale λ of the identity cross-attention (IP-Adapter's published default) and the
+# weight of an adapter's own LoRA.
+DEFAULT_IP_SCALE = 0.8
+DEFAULT_LORA_SCALE = 1.0
+# InstantID's IdentityNet residual scale (controlnet_conditioning_scale of its published example).
+DEFAULT_CONTROLNET_SCALE = 0.8
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class IPContext:
     attention: AttentionManipulation | None = None
     # How scale-power AM is computed (see AM_KERNELS); None = the reference implementation.
     am_kernel: Callable[..., torch.Tensor] | None = None
+    # Identity tokens per reference photo (the adapter's); None: the whole token axis is one photo.
+    tokens_per_photo: int | None = None
     kv: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     values: Mapping[str, torch.Tensor] | None = None
     fused: tuple[str, ...] = ()
@@ -124,6 +126,9 @@ def part_of(name: str) -> str:
 
 class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor with the identity branch driven by an :class:`IPContext`.
+
+    ``__call__`` is adapted from diffusers 0.42.1 ``IPAdapterAttnProcessor2_0.__call__`` (text
+    branch and output path unchanged; the identity branch replaced).
 
     Shares the ``to_k_ip``/``to_v_ip`` modules of the processor it replaces (no copy). Without a
     context (the UNet called outside FastFace) the identity branch is off: text-only attention.
@@ -262,7 +267,10 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
             if context.am_kernel is not None and isinstance(params, ScalePowerParams) and am.tokens is None:
                 out = context.am_kernel(query, ip_key, ip_value, params.scale, params.power, am.cap)
             else:
-                out = manipulated_ip_attention(query, ip_key, ip_value, am, part=self.part, step=context.step)
+                out = manipulated_ip_attention(
+                    query, ip_key, ip_value, am, part=self.part, step=context.step,
+                    tokens_per_photo=context.tokens_per_photo,
+                )
         else:
             out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
@@ -317,6 +325,7 @@ class CallContexts:
         am_kernel: Callable[..., torch.Tensor] | None = None,
         device: torch.device | str | None = None,
         project: bool = True,
+        tokens_per_photo: int | None = None,
     ) -> None:
         if kernel not in AM_KERNELS:
             raise ConfigError(f"am kernel must be one of {', '.join(AM_KERNELS)}; got {kernel!r}")
@@ -326,6 +335,7 @@ class CallContexts:
         self.kernel = kernel
         # False under model CPU offload: the K/V weights reach the GPU only inside the UNet's forward.
         self.project = project
+        self.tokens_per_photo = tokens_per_photo
         # The per-layer function of the parts the fused kernel does not take (a cap that binds):
         # the given one (the pipeline's, compiled once), else the lean kernel.
         self._am_kernel = am_kernel if am_kernel is not None or kernel == "reference" else scale_power_attention
@@ -362,4 +372,5 @@ class CallContexts:
         return IPContext(
             tokens=tokens, scale=self.scale, step=step, attention=am, am_kernel=self._am_kernel,
             kv=self._kv(tokens) if self.project else None, values=self.values, fused=fused,
+            tokens_per_photo=self.tokens_per_photo,
         )

@@ -111,15 +111,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps=args.steps, height=args.height, width=args.width, ip_scale=args.ip_scale, lora_scale=args.lora_scale,
         alpha=args.alpha, beta=args.beta, rescale=args.rescale, rescale_on=args.rescale_on,
         face_backend=args.face_backend, base_model=args.base_model, adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
+        image_encoder=args.image_encoder, controlnet_scale=args.controlnet_scale, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
         vae_tiling=args.vae_tiling, negative_prompt=args.negative_prompt, reference_photos=args.reference_photos, batch_size=args.batch_size)
     grid = Grid(seeds=args.seeds, split=args.split, limit=args.limit)
     summary = run_grid(config, args.dataset, args.run_dir, grid, device=args.device,
                        command=["fastface", *sys.argv[1:]], progress=not args.no_progress,
                        cpu_offload=args.cpu_offload, compile=bool(getattr(args, "compile", False)))
     where = "" if summary.world == 1 else f" (rank {summary.rank} of {summary.world}: {summary.assigned} samples)"
+    if summary.repaired:
+        from .run import damaged_line
+
+        print(f"warning: regenerated {damaged_line(summary.run_dir, summary.repaired)}", file=sys.stderr)
     print(f"{summary.run_dir}: {summary.generated} generated, {summary.skipped} already done, "
-          f"{summary.total} in the grid{where}; {summary.seconds:.1f} s")
+          f"{len(summary.repaired)} repaired, {summary.total} in the grid{where}; {summary.seconds:.1f} s")
     return 0
 
 
@@ -158,12 +162,19 @@ def cmd_score(args: argparse.Namespace) -> int:
         ok = [v for v in values if v is not None]
         mean = f"{sum(ok) / len(ok):.4g}" if ok else "–"
         print(f"  {key}: mean {mean} over {len(ok)}/{len(values)} images")
+    if result.get("damaged"):
+        from .run import REPAIR_HINT, damaged_line
+
+        raise InputError(f"not scored: {damaged_line(Path(args.run_dir), result['damaged'])}; {REPAIR_HINT}, "
+                         "then score again")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from ..atomic import ensure_writable_dir
     from .report import build_report
 
+    ensure_writable_dir(args.out, "--out")
     paths = build_report(args.runs, args.out, seed=args.seed)
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -15,7 +15,11 @@ Two layouts read as is:
     DIR/prompts_nostyle.txt                   realistic prompts
     DIR/prompts_style.txt                     stylistic prompts, the style before the ';'
 
-Blank lines and lines starting with ``#`` are ignored in prompt files. Prompt ids are the split
+Blank lines and lines starting with ``#`` are ignored in prompt files. Hidden files (a leading
+``.``: ``.DS_Store``) inside identity folders are ignored; a hidden identity folder (or a hidden
+photo in ``id_photos``) is a problem to fix, as is anything among the photos that is not a regular
+file (a FIFO, a socket, a device, a folder). A name too long for a file name gets a shortened id
+with a hash of the full name (``safe_id``). Prompt ids are the split
 and the line's position among the prompts (``realistic-003``), so appending prompts keeps the ids
 (and hence the seeds) of the earlier ones.
 """
@@ -24,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,9 @@ from ..errors import ConfigError, InputError
 SPLITS = ("realistic", "stylistic")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+# Ids become parts of file names ("<id>__<prompt>__<seed>.png", ".tmp-<id>...<scorer>.<pid>.json"),
+# which must stay under the usual 255-byte limit of a name; longer ids are cut and given a hash.
+MAX_ID_LENGTH = 120
 SMOKE_PROMPTS = Path(__file__).with_name("smoke")
 
 
@@ -126,9 +135,13 @@ def file_sha256(path: Path) -> str:
 
 
 def safe_id(name: str) -> str:
-    """A file-name-safe identity id: runs of other characters become '_'."""
-    cleaned = _SAFE_ID.sub("_", name).strip("._")
-    return cleaned or "identity"
+    """A file-name-safe identity id: runs of other characters become '_'; an id longer than
+    ``MAX_ID_LENGTH`` is cut and ends with 12 hex digits of the sha256 of the full name, unique."""
+    cleaned = _SAFE_ID.sub("_", name).strip("._") or "identity"
+    if len(cleaned) > MAX_ID_LENGTH:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        cleaned = f"{cleaned[:MAX_ID_LENGTH - 13].rstrip('._-')}-{digest}"
+    return cleaned
 
 
 def _read_prompt_lines(path: Path) -> list[str]:
@@ -164,8 +177,28 @@ def parse_prompts(lines: Sequence[str], split: str, issues: list[str], source: s
     return out
 
 
-def _photos_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _photos_in(folder: Path, issues: list[str], root: Path, report_hidden: bool = False) -> list[Path]:
+    """The regular files of ``folder``; anything else there is an issue (never skipped without a word)."""
+    photos = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            if report_hidden and path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith("._"):
+                issues.append(f"{path.relative_to(root)} is hidden (its name starts with '.'): rename it to use it, "
+                              "or remove it")
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            issues.append(f"{path.relative_to(root)} cannot be read ({exc.strerror or exc})")
+            continue
+        if stat.S_ISREG(mode):
+            photos.append(path)
+        else:
+            from ..faces.io import special_file_kind
+
+            kind = "a folder" if stat.S_ISDIR(mode) else special_file_kind(mode) or "not a regular file"
+            issues.append(f"{path.relative_to(root)} is {kind}, not a photo file")
+    return photos
 
 
 def _register(entries: list[IdentityEntry], issues: list[str], name: str, photos: list[Path]) -> None:
@@ -198,19 +231,24 @@ def load_dataset(root: str | Path) -> Dataset:
     issues: list[str] = []
     entries: list[IdentityEntry] = []
     if layout == "fastface":
-        folders = sorted(p for p in (root / "identities").iterdir() if not p.name.startswith("."))
+        folders = sorted((root / "identities").iterdir())
         for folder in folders:
+            if folder.name.startswith("."):
+                if folder.is_dir():  # hidden files (.DS_Store) are the system's; a hidden folder is a person left out
+                    issues.append(f"identities/{folder.name} is hidden (its name starts with '.'): rename it to "
+                                  "use it as an identity, or move it out of identities/")
+                continue
             if not folder.is_dir():
                 issues.append(f"identities/{folder.name} is a file; each identity is a folder of photos")
                 continue
-            photos = _photos_in(folder)
+            photos = _photos_in(folder, issues, root)
             if not photos:
                 issues.append(f"identity '{folder.name}' has no photos")
                 continue
             _register(entries, issues, folder.name, photos)
         prompt_files = {"realistic": root / "prompts" / "realistic.txt", "stylistic": root / "prompts" / "stylistic.txt"}
     else:
-        for photo in _photos_in(root / "id_photos"):
+        for photo in _photos_in(root / "id_photos", issues, root, report_hidden=True):
             _register(entries, issues, photo.stem, [photo])
         prompt_files = {"realistic": root / "prompts_nostyle.txt", "stylistic": root / "prompts_style.txt"}
     if not entries:

@@ -113,17 +113,24 @@ def run_label(run_dir: Path, manifest: dict) -> str:
 # --- images --------------------------------------------------------------------------------------
 
 def _thumb(path: Path, size: int = THUMB):
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        scale = size / max(img.size)
-        # Tiny test images are enlarged with hard edges; photos are shrunk smoothly.
-        resample = Image.NEAREST if scale > 1 else Image.BICUBIC
-        img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), resample)
-        canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        # A missing, truncated or garbled image is drawn as a marked blank, never a crash.
+        canvas = Image.new("RGB", (size, size), (235, 235, 235))
+        ImageDraw.Draw(canvas).text((6, size // 2 - 6), "damaged image", fill=(180, 0, 0))
         return canvas
+    scale = size / max(img.size)
+    # Tiny test images are enlarged with hard edges; photos are shrunk smoothly.
+    resample = Image.NEAREST if scale > 1 else Image.BICUBIC
+    img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), resample)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+    return canvas
 
 
 def image_grid(run_dir: Path, records: dict[str, dict], split: str, out: Path, dataset_root: Path | None) -> Path | None:
@@ -155,7 +162,8 @@ def image_grid(run_dir: Path, records: dict[str, dict], split: str, out: Path, d
             sheet.paste(_thumb(run_dir / record["image"]), (x, y))
             draw.text((x, y + THUMB + 2), prompt_id, fill=(0, 0, 0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    with atomic_path(out) as tmp:  # a full disk leaves no half-written picture
+        sheet.save(tmp, format="PNG")
     return out
 
 
@@ -206,7 +214,8 @@ def cost_plot(runs: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 

@@ -5,32 +5,37 @@ A run folder::
     manifest.json        configuration, dataset fingerprint, grid, versions, command, history
     REPRODUCE.md         how to regenerate this folder, in words and one command
     images/<sample>.png  one image per sample
-    records/<sample>.json  the sample's metadata; a sample is done iff this file exists
+    records/<sample>.json  the sample's metadata, with the sha256 of its image
+    .lock                who is writing the folder (``lock.py``): one command at a time
 
-Every file is written to a temporary name in the same folder and renamed into place, image first,
-record last, so a kill at any moment leaves either a complete sample or one that is redone (and a
-temporary file that the next start removes). Samples are generated in fixed chunks of seeds of one
+A sample is done iff its record parses, names its sample, and its image exists with the recorded
+sha256; a resumed run checks exactly that and regenerates any sample that fails it (a deleted,
+truncated or swapped image, a garbled record). Every file is written to a temporary name in the
+same folder and renamed into place, image first, record last, so a kill at any moment leaves
+either a complete sample or one that is redone (and a temporary file that the next start removes). Samples are generated in fixed chunks of seeds of one
 (identity, prompt), so the batch every image was made in does not depend on what was already done
 or on how the work was split: a resumed or distributed run gives the same bytes as one straight run.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..atomic import disk_full_as_error, ensure_writable_dir
 from ..errors import ConfigError, InputError
-from .dataset import Dataset, Prompt, load_dataset
+from .dataset import Dataset, Prompt, file_sha256, load_dataset
+from .lock import lock_run_folder
 
 RUN_FORMAT = "fastface-eval-run/1"
 TMP_PREFIX = ".tmp-"
@@ -53,7 +58,7 @@ class RunConfig:
     steps: int | None = None
     height: int | None = None
     width: int | None = None
-    ip_scale: float = 0.8
+    ip_scale: float | None = None  # None: presets.DEFAULT_IP_SCALE (filled in on creation)
     lora_scale: float = 1.0
     alpha: str | None = None
     beta: str | None = None
@@ -63,6 +68,7 @@ class RunConfig:
     base_model: str | None = None
     adapter_path: str | None = None
     image_encoder: str | None = None
+    controlnet_scale: float | None = None  # instantid (None: the adapter's default)
     lora: tuple[str, ...] = ()
     dtype: str = "auto"
     vae: str | None = None
@@ -72,6 +78,10 @@ class RunConfig:
     batch_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.ip_scale is None:
+            from ..presets import DEFAULT_IP_SCALE
+
+            object.__setattr__(self, "ip_scale", DEFAULT_IP_SCALE)
         if self.reference_photos < 1:
             raise ConfigError(f"--reference-photos must be at least 1, got {self.reference_photos}")
         if self.batch_size < 1:
@@ -91,10 +101,21 @@ class RunConfig:
         data["lora"] = list(self.lora)
         return data
 
-    def namespace(self, device: str = "auto", cpu_offload: bool = False, compile: bool = False) -> argparse.Namespace:
-        """The options as ``fastface generate`` parses them, for the engine's own checks and loaders."""
-        return argparse.Namespace(**{**asdict(self), "lora": list(self.lora), "device": device,
-                                     "cpu_offload": cpu_offload, "compile": compile})
+    def generation_config(self, device: str = "auto", cpu_offload: bool = False, compile: bool = False) -> Any:
+        """The :class:`~fastface.config.GenerationConfig` of this run (prompts and seeds come per batch)."""
+        from ..commands import parse_lora
+        from ..config import GenerationConfig
+
+        return GenerationConfig(
+            negative_prompt=self.negative_prompt, backbone=self.backbone, adapter=self.adapter,
+            method=self.method, steps=self.steps, height=self.height, width=self.width,
+            ip_scale=float(self.ip_scale), lora_scale=self.lora_scale, alpha=self.alpha, beta=self.beta,
+            rescale=self.rescale, rescale_on=self.rescale_on, face_backend=self.face_backend,
+            base_model=self.base_model, adapter_path=self.adapter_path, image_encoder=self.image_encoder,
+            loras=tuple(parse_lora(item) for item in self.lora), device=device, dtype=self.dtype, vae=self.vae,
+            vae_tiling=self.vae_tiling, cpu_offload=cpu_offload, compile=compile,
+            adapter_options={} if self.controlnet_scale is None else {"controlnet_scale": self.controlnet_scale},
+        )
 
     @staticmethod
     def option(field_name: str) -> str:
@@ -191,16 +212,24 @@ def _commit(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def _write_via_tmp(path: Path, write) -> None:
+    """``write(tmp)``, then rename into place; on any failure (a full disk) no temporary is left."""
     tmp = _tmp_path(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
-    _commit(tmp, path)
+    try:
+        with disk_full_as_error(path):
+            write(tmp)
+            _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+    _write_via_tmp(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    _commit(tmp, path)
+    _write_via_tmp(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _json_default(value: Any) -> Any:
@@ -269,7 +298,8 @@ def canonical_command(config: RunConfig, grid: Grid, dataset_dir: str, run_dir: 
     cmd += ["--backbone", config.backbone, "--method", config.method]
     cmd += ["--no-identity"] if config.adapter is None else ["--adapter", config.adapter]
     for name in ("steps", "height", "width", "ip_scale", "lora_scale", "alpha", "beta", "rescale", "rescale_on",
-                 "face_backend", "base_model", "adapter_path", "image_encoder", "dtype", "vae", "negative_prompt",
+                 "face_backend", "base_model", "adapter_path", "image_encoder", "controlnet_scale", "dtype", "vae",
+                 "negative_prompt",
                  "reference_photos", "batch_size"):
         value = getattr(config, name)
         if value is not None:
@@ -292,13 +322,18 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def read_manifest(run_dir: Path) -> dict | None:
-    path = run_dir / MANIFEST
+    path = Path(run_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); is this a FastFace run folder?") from exc
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); is this a FastFace run folder?") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT or not isinstance(manifest.get("config"), dict) \
+            or not isinstance(manifest.get("dataset"), dict):
+        raise InputError(f"{path} is not a FastFace run manifest (format {RUN_FORMAT}); "
+                         "is this a FastFace run folder?")
+    return manifest
 
 
 def check_compatible(manifest: dict, config: RunConfig, fingerprint: str, run_dir: Path) -> None:
@@ -394,11 +429,12 @@ class RunSummary:
     run_dir: Path
     total: int  # samples in the grid
     assigned: int  # samples of this process
-    generated: int  # samples made by this call
-    skipped: int  # samples of this process already done
+    generated: int  # samples made by this call (the repaired ones included)
+    skipped: int  # samples of this process already done, verified
     rank: int
     world: int
     seconds: float
+    repaired: dict[str, str] = field(default_factory=dict)  # damaged sample -> what was wrong; regenerated
 
 
 def record_path(run_dir: Path, sample: str) -> Path:
@@ -409,17 +445,89 @@ def image_path(run_dir: Path, sample: str) -> Path:
     return run_dir / "images" / f"{sample}.png"
 
 
-def load_records(run_dir: Path) -> dict[str, dict]:
-    """Every finished sample's record, by sample id."""
-    out = {}
+RECORD_KEYS = ("sample", "identity", "prompt_id", "seed_index", "seed", "image", "image_sha256")
+REPAIR_HINT = ("rerun `fastface eval run` on this folder with the run's options (see its REPRODUCE.md): "
+               "it regenerates damaged samples")
+
+
+def check_record(path: Path) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a sound record file, ``(None, what is wrong)`` otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    if not text.strip():
+        return None, "empty"
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        return None, f"not valid JSON ({getattr(exc, 'msg', exc)})"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        return None, "lacks " + ", ".join(missing)
+    if record["sample"] != path.stem or record["image"] != f"images/{path.stem}.png":
+        return None, f"belongs to another sample ({record['sample']!r}, {record['image']!r})"
+    return record, None
+
+
+def check_image(run_dir: Path, record: dict) -> str | None:
+    """What is wrong with a record's image (missing, not its recorded bytes), or None when it is sound."""
+    path = Path(run_dir) / record["image"]
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "image missing"
+    except OSError as exc:
+        return f"image unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        return "image is not a regular file"
+    if file_sha256(path) != record["image_sha256"]:
+        return "image differs from its record (truncated, swapped or modified)"
+    return None
+
+
+def scan_records(run_dir: Path, verify_images: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
+    """(sound records by sample id, damaged sample id -> ``records/<id>.json: what is wrong``).
+
+    With ``verify_images`` a record whose image is missing or not the recorded bytes is damaged too.
+    """
+    records: dict[str, dict] = {}
+    damaged: dict[str, str] = {}
     folder = Path(run_dir) / "records"
     if not folder.is_dir():
-        return out
+        return records, damaged
     for path in sorted(folder.glob("*.json")):
         if path.name.startswith(TMP_PREFIX):
             continue
-        out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-    return out
+        record, problem = check_record(path)
+        if record is not None and verify_images:
+            image_problem = check_image(run_dir, record)
+            if image_problem:
+                record, problem = None, f"{image_problem} ({record['image']})"
+        if record is None:
+            damaged[path.stem] = f"records/{path.name}: {problem}"
+        else:
+            records[path.stem] = record
+    return records, damaged
+
+
+def load_records(run_dir: Path) -> dict[str, dict]:
+    """Every finished sample's record, by sample id; a damaged record is one clear error."""
+    records, damaged = scan_records(run_dir)
+    if damaged:
+        raise InputError(f"{damaged_line(Path(run_dir), damaged)}; {REPAIR_HINT}")
+    return records
+
+
+def damaged_line(run_dir: Path, damaged: dict[str, str], limit: int = 5) -> str:
+    """One line naming the damaged samples of a run (the first ``limit``, then a count)."""
+    items = [damaged[k] for k in sorted(damaged)]
+    shown = "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+    return f"{len(items)} damaged sample{'s' if len(items) != 1 else ''} in {run_dir}: {shown}"
 
 
 class _PeakMemory:
@@ -452,14 +560,7 @@ class _PeakMemory:
 
 def resolve_run_config(config: RunConfig) -> dict[str, Any]:
     """The engine's own check of every name and number (no model loads), plus the face backend."""
-    from .. import commands
-    from ..adapters import spec_for_backbone
-
-    resolved = commands.resolve_config(config.namespace())
-    resolved["face_backend"] = None
-    if config.adapter is not None:
-        resolved["face_backend"] = config.face_backend or spec_for_backbone(config.adapter, config.backbone).face_backend
-    return resolved
+    return config.generation_config().validate().as_dict()
 
 
 def _device_for_rank(device: str | None) -> str:
@@ -477,9 +578,11 @@ def _device_for_rank(device: str | None) -> str:
 def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, grid: Grid | None = None, *,
              device: str | None = None, command: Sequence[str] | None = None, progress: bool = True,
              manifest_timeout_s: float = 600.0, cpu_offload: bool = False, compile: bool = False) -> RunSummary:
-    """Generate the missing samples of this process's share of the grid into ``run_dir``."""
-    from tqdm.auto import tqdm
+    """Generate the missing samples of this process's share of the grid into ``run_dir``.
 
+    Samples counted as done are verified first (record, image, sha256); damaged ones are regenerated
+    and listed in ``RunSummary.repaired``. The folder is locked against other commands meanwhile.
+    """
     grid = grid or Grid()
     started = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
@@ -497,10 +600,52 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
     command = list(command) if command is not None else ["fastface", *sys.argv[1:]]
     everyone = {s.id for u in units for s in u}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(run_dir, "--run-dir")
     previous = read_manifest(run_dir)
     if previous is not None:
         check_compatible(previous, config, fingerprint, run_dir)
+    lock = lock_run_folder(run_dir, "fastface eval run")
+    try:
+        previous = read_manifest(run_dir)  # again: it may have changed before the lock was ours
+        if previous is not None:
+            check_compatible(previous, config, fingerprint, run_dir)
+        return _run_locked(config, dataset, resolved, fingerprint, grid, units, n_total, everyone, command, run_dir,
+                           previous, rank, world, device, progress, manifest_timeout_s, cpu_offload, started,
+                           compile)
+    finally:
+        lock.release()
+
+
+def _verified_done(run_dir: Path, samples: list[Sample]) -> tuple[set[str], dict[str, str]]:
+    """Which of ``samples`` are done and sound, and which were damaged (their record is removed now,
+    so that a kill during the repair leaves a sample that is simply not done)."""
+    done: set[str] = set()
+    damaged: dict[str, str] = {}
+    for sample in samples:
+        path = record_path(run_dir, sample.id)
+        if not path.exists():
+            continue
+        record, problem = check_record(path)
+        if record is not None and (record["identity"], record["prompt_id"], record["seed_index"], record["seed"]) != (
+                sample.identity, sample.prompt.id, sample.seed_index, sample.seed):
+            problem = "belongs to another identity, prompt or seed"
+        elif record is not None:
+            image_problem = check_image(run_dir, record)
+            problem = f"{image_problem} ({record['image']})" if image_problem else None
+        if problem is None:
+            done.add(sample.id)
+        else:
+            damaged[sample.id] = f"records/{path.name}: {problem}"
+            path.unlink(missing_ok=True)
+    return done, damaged
+
+
+def _run_locked(config: RunConfig, dataset: Dataset, resolved: dict, fingerprint: str, grid: Grid,
+                units: list[list[Sample]], n_total: int, everyone: set[str], command: list[str], run_dir: Path,
+                previous: dict | None, rank: int, world: int, device: str | None, progress: bool,
+                manifest_timeout_s: float, cpu_offload: bool, started: float, compile: bool = False) -> RunSummary:
+    from tqdm.auto import tqdm
+
     if rank == 0:
         clean_stale(run_dir, set(), everyone, rank)
         described = {"face_backend": resolved["face_backend"], "steps": resolved["steps"],
@@ -510,15 +655,17 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
         write_text_atomic(run_dir / "REPRODUCE.md", reproduce_text(manifest))
     else:
         _wait_for_manifest(run_dir, config, grid, fingerprint, manifest_timeout_s)
-    (run_dir / "images").mkdir(exist_ok=True)
-    (run_dir / "records").mkdir(exist_ok=True)
+    with disk_full_as_error(run_dir):
+        (run_dir / "images").mkdir(exist_ok=True)
+        (run_dir / "records").mkdir(exist_ok=True)
 
     mine = shard(units, rank, world)
     mine_ids = {s.id for u in mine for s in u}
     clean_stale(run_dir, mine_ids, everyone, rank)
-    pending = [u for u in mine if any(not record_path(run_dir, s.id).is_file() for s in u)]
-    todo = sum(1 for u in pending for s in u if not record_path(run_dir, s.id).is_file())
-    summary = RunSummary(run_dir, n_total, len(mine_ids), 0, len(mine_ids) - todo, rank, world, 0.0)
+    done, damaged = _verified_done(run_dir, [s for u in mine for s in u])
+    pending = [u for u in mine if any(s.id not in done for s in u)]
+    todo = sum(1 for u in pending for s in u if s.id not in done)
+    summary = RunSummary(run_dir, n_total, len(mine_ids), 0, len(mine_ids) - todo, rank, world, 0.0, damaged)
     if not pending:
         summary.seconds = time.perf_counter() - started
         return summary
@@ -532,7 +679,8 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    pipe = commands.load_pipeline(config.namespace(_device_for_rank(device), cpu_offload, compile), resolved)
+    generation = config.generation_config(_device_for_rank(device), cpu_offload, compile)
+    pipe = commands.load_pipeline(generation)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)
     tokens_by_identity: dict[str, Any] = {}
@@ -546,7 +694,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             if config.identity:
                 face = identities[first.identity]
                 if first.identity not in tokens_by_identity:
-                    tokens_by_identity[first.identity] = pipe.encode_identity(face)
+                    tokens_by_identity[first.identity] = pipe.encode_identity(face, **dict(generation.adapter_options))
                 tokens = tokens_by_identity[first.identity]
             if first.prompt.id not in prompt_embeds:
                 prompt_embeds[first.prompt.id] = pipe.encode_prompt(first.prompt.text, config.negative_prompt)
@@ -561,7 +709,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             peak_mb, peak_kind = memory.stop()  # synchronises a GPU before the clock stops
             wall_ms = (time.perf_counter() - t0) * 1000.0
             for sample, image, meta in zip(unit, result.images, result.metadata):
-                if record_path(run_dir, sample.id).is_file():
+                if sample.id in done:
                     continue  # done before a kill; its batch companions were the reason to regenerate
                 _write_sample(run_dir, sample, image, meta, {
                     "wall_ms": wall_ms / len(unit), "batch_wall_ms": wall_ms, "batch_size": len(unit),
@@ -583,9 +731,7 @@ def _adapter_spec(config: RunConfig) -> Any:
 
 def _write_sample(run_dir: Path, sample: Sample, image: Any, meta: dict, extra: dict) -> None:
     final_image = image_path(run_dir, sample.id)
-    tmp_image = _tmp_path(final_image)
-    image.save(tmp_image, format="PNG")
-    _commit(tmp_image, final_image)
+    _write_via_tmp(final_image, lambda tmp: image.save(tmp, format="PNG"))
     digest = hashlib.sha256(final_image.read_bytes()).hexdigest()
     record = {
         "sample": sample.id,

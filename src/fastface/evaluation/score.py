@@ -8,6 +8,10 @@ scores its share; rank 0 waits for the others' files and writes the table.
 
 Outputs: ``scores.json`` (metric status - available or unavailable with the reason - and one row of
 values per sample) and ``scores.csv`` (the rows).
+
+Only verified samples are scored: a record that does not parse, or whose image is missing or not
+the bytes its ``image_sha256`` names (swapped, truncated, edited), is listed under ``damaged`` in
+``scores.json`` and left out of the table, and its cached scores are never used.
 """
 
 from __future__ import annotations
@@ -20,9 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import disk_full_as_error
 from ..errors import ConfigError, FastFaceError, InputError
 from . import metrics as M
-from .run import MANIFEST, TMP_PREFIX, distributed_rank, load_records, read_manifest, shard, write_json_atomic
+from .lock import lock_run_folder
+from .run import (
+    MANIFEST,
+    REPAIR_HINT,
+    TMP_PREFIX,
+    check_image,
+    damaged_line,
+    distributed_rank,
+    load_records,
+    read_manifest,
+    scan_records,
+    shard,
+    write_json_atomic,
+)
 
 FAMILIES = ("identity", "clip", "aesthetic", "image-reward", "disruption", "cost")
 DEFAULT_FACE_BACKENDS = ("arcface", "dlib", "facenet")
@@ -153,22 +171,38 @@ def _load_dataset_for(manifest: dict, options: ScoreOptions):
 
 
 def score_run(run_dir: str | Path, options: ScoreOptions | None = None, *, progress: bool = True) -> dict:
-    """Score every finished sample of a run (this process's share) and, on rank 0, write the table."""
-    from tqdm.auto import tqdm
+    """Score every verified sample of a run (this process's share) and, on rank 0, write the table.
 
-    from .. import faces
-
+    Damaged samples (see the module) are not scored; they are returned under ``damaged``
+    (sample id -> what is wrong), and the CLI turns them into an error.
+    """
     options = options or ScoreOptions()
     run_dir = Path(run_dir).expanduser()
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise InputError(f"{run_dir} is not a run folder (no {MANIFEST}); make one with `fastface eval run`")
-    records = load_records(run_dir)
+    with lock_run_folder(run_dir, "fastface eval score"):
+        return _score_locked(run_dir, manifest, options, progress)
+
+
+def _score_locked(run_dir: Path, manifest: dict, options: ScoreOptions, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from .. import faces
+
+    records, damaged = scan_records(run_dir, verify_images=True)
     if not records:
+        if damaged:
+            raise InputError(f"nothing to score: {damaged_line(run_dir, damaged)}; {REPAIR_HINT}")
         raise InputError(f"{run_dir} holds no finished sample yet")
     rank, world = distributed_rank()
     reference = Path(options.reference_run).expanduser() if options.reference_run else None
     ref_records = check_reference_run(run_dir, manifest, reference) if reference else {}
+    for sample in sorted(set(ref_records) & set(records)):
+        problem = check_image(reference, ref_records[sample])
+        if problem:  # no disruption value against a reference image that is not what was generated
+            damaged[sample] = f"{reference / ref_records.pop(sample)['image']} (reference run): {problem}"
+            del records[sample]
     dataset, dataset_problem = _load_dataset_for(manifest, options)
     states = build_scorers(options, reference)
     for state in states:
@@ -184,11 +218,13 @@ def score_run(run_dir: str | Path, options: ScoreOptions | None = None, *, progr
             key["reference_sha256"] = None if ref is None else ref["image_sha256"]
         return key
 
-    (run_dir / "scores").mkdir(exist_ok=True)
-    if rank == 0:
-        for stale in (run_dir / "scores").glob(f"{TMP_PREFIX}*"):
-            stale.unlink(missing_ok=True)
+    with disk_full_as_error(run_dir / "scores"):
+        (run_dir / "scores").mkdir(exist_ok=True)
     mine = shard(sorted(records), rank, world)
+    # Temporaries of killed scorers: each rank removes those of its own share (another rank of this
+    # launch may be writing its own right now), rank 0 also those no rank will write.
+    _clean_temporaries(run_dir / "scores", {score_path(run_dir, s, st.scorer.name).name for s in mine for st in states},
+                       {score_path(run_dir, s, st.scorer.name).name for s in records for st in states}, rank)
     todo = [(s, [st for st in states if st.status != "unavailable"
                  and _read_cached(score_path(run_dir, s, st.scorer.name), key_for(st, records[s])) is None])
             for s in mine]
@@ -230,10 +266,18 @@ def score_run(run_dir: str | Path, options: ScoreOptions | None = None, *, progr
                        "settings": {}}
     result = {"format": SCORES_FORMAT, "run": str(run_dir), "config": manifest["config"],
               "dataset": manifest["dataset"]["fingerprint"], "reference_run": str(reference) if reference else None,
-              "metrics": status, "samples": table, "scored_now": len(todo)}
+              "metrics": status, "samples": table, "scored_now": len(todo), "damaged": damaged}
     write_json_atomic(run_dir / "scores.json", result)
     _write_csv(run_dir / "scores.csv", table, list(status))
     return result
+
+
+def _clean_temporaries(folder: Path, mine: set[str], everyone: set[str], rank: int) -> None:
+    for path in folder.glob(f"{TMP_PREFIX}*"):
+        stem, _, suffix = path.name[len(TMP_PREFIX):].rpartition(".")  # "<sample>.<scorer>.<pid>", "json"
+        final = f"{stem.rpartition('.')[0]}.{suffix}"
+        if final in mine or (rank == 0 and final not in everyone):
+            path.unlink(missing_ok=True)
 
 
 def _crop_detector(name: str) -> Any:
@@ -275,16 +319,32 @@ def _write_csv(path: Path, rows: list[dict], metric_keys: list[str]) -> None:
     head = ["sample", "identity", "prompt_id", "split", "seed_index", "seed"]
     columns = head + [k for k in metric_keys if k not in head]
     tmp = path.with_name(f"{TMP_PREFIX}{path.stem}.{os.getpid()}{path.suffix}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    os.replace(tmp, path)
+    try:
+        with disk_full_as_error(path):
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(columns)
+                for row in rows:
+                    writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_scores(run_dir: str | Path) -> dict:
+    """A run's ``scores.json``; a missing, damaged or foreign one is one clear error saying how to remake it."""
     path = Path(run_dir).expanduser() / "scores.json"
+    remake = f"run `fastface eval score --run-dir {run_dir}`"
     if not path.is_file():
-        raise InputError(f"{run_dir} has not been scored (no scores.json); run `fastface eval score --run-dir {run_dir}`")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise InputError(f"{run_dir} has not been scored (no scores.json); {remake}")
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is damaged (not valid JSON: {getattr(exc, 'msg', exc)}); {remake} to rewrite it") from None
+    if not isinstance(scores, dict) or scores.get("format") != SCORES_FORMAT \
+            or not isinstance(scores.get("metrics"), dict) or not isinstance(scores.get("samples"), list) \
+            or not all(isinstance(row, dict) for row in scores["samples"]):
+        raise InputError(f"{path} is not a FastFace scores table (format {SCORES_FORMAT}); {remake} to rewrite it")
+    return scores

@@ -15,9 +15,16 @@ from ..errors import ConfigError, FastFaceError
 from .align import ARCFACE_TEMPLATE, align_crop, similarity_transform, template_for, transform_points
 from .base import FaceBackend
 from .cache import EmbeddingCache
-from .identity import OUTLIER_THRESHOLDS, analyze, build_identity, detect_faces, load_embedding
+from .identity import (
+    OUTLIER_THRESHOLDS,
+    analyze,
+    build_identity,
+    detect_faces,
+    load_embedding,
+    pose_from_photo,
+)
 from .io import load_image
-from .types import KEYPOINT_NAMES, Face, Identity
+from .types import KEYPOINT_NAMES, Face, Identity, Pose
 
 _ONNX = "fastface.faces.onnx_backend:OnnxFaceBackend"
 
@@ -75,6 +82,7 @@ __all__ = [
     "Face",
     "FaceBackend",
     "Identity",
+    "Pose",
     "align_crop",
     "analyze",
     "available_backends",
@@ -83,6 +91,7 @@ __all__ = [
     "get_backend",
     "load_embedding",
     "load_image",
+    "pose_from_photo",
     "similarity_transform",
     "template_for",
     "transform_points",

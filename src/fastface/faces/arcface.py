@@ -82,14 +82,19 @@ class ArcFaceRecognizer:
         out = self.session.run([self.output_name], {self.input_name: blob})[0]
         return np.asarray(out, dtype=np.float32).reshape(blob.shape[0], -1)
 
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Aligned (n, 112, 112, 3) or (112, 112, 3) RGB uint8 crops -> (n, D) L2-normalised float32."""
+    def embed_crops(self, crops: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Aligned (n, 112, 112, 3) or (112, 112, 3) RGB uint8 crops -> (n, D) float32.
+
+        L2-normalised by default; ``normalize=False`` gives the model's raw output (InsightFace's
+        ``face.embedding``, which InstantID feeds to its Resampler).
+        """
         arr = np.asarray(crops)
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4 or arr.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
             raise InputError(f"ArcFace needs aligned {CROP_SIZE}x{CROP_SIZE} RGB crops, got shape {np.shape(crops)}")
-        return l2_normalize(self._run(crop_to_blob(arr, self.input_mean, self.input_std)))
+        raw = self._run(crop_to_blob(arr, self.input_mean, self.input_std))
+        return l2_normalize(raw) if normalize else raw
 
     def align(self, image: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
         """The 112x112 RGB crop of the face whose five keypoints are ``keypoints``, on the ArcFace template."""
@@ -98,3 +103,7 @@ class ArcFaceRecognizer:
     def embed(self, image: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
         """The L2-normalised (D,) embedding of the face at ``keypoints`` (5, 2) in an RGB uint8 image."""
         return self.embed_crops(self.align(image, keypoints))[0]
+
+    def embed_raw(self, image: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+        """The un-normalised (D,) output for the face at ``keypoints`` (InsightFace's ``face.embedding``)."""
+        return self.embed_crops(self.align(image, keypoints), normalize=False)[0]

@@ -17,8 +17,10 @@ from .types import Face
 class FaceBackend(Protocol):
     """Optional attributes, read with ``getattr`` (so they are not part of the protocol check):
     ``det_sizes`` (tuple of det_size values to retry when nothing is found, default (640, 480, 320);
-    ``()`` for detectors without a fixed input size) and ``config_id`` (str: constructor options that
-    change the results, added to the embedding-cache key).
+    ``()`` for detectors without a fixed input size), ``config_id`` (str: constructor options that
+    change the results, added to the embedding-cache key) and ``embed_raw(image, face) -> (D,)``
+    (the recogniser's un-normalised output, for backends that have one; :func:`fastface.faces.analyze`
+    then normalises it itself and keeps its norm in ``Face.embedding_norm``).
     """
 
     name: str  # registry name, e.g. "dlib"

@@ -2,7 +2,7 @@
 
 An entry is keyed by the sha256 of the image (its file bytes, or its decoded pixels for in-memory
 images), the backend name, its model and configuration, and the face selection. It holds the
-embedding, bbox, score, keypoints and landmarks as an ``.npz`` written atomically (temporary file
+embedding (and its raw norm, where the backend has one), bbox, score, keypoints and landmarks as an ``.npz`` written atomically (temporary file
 in the same folder, then ``os.replace``), so concurrent runs never read half-written entries.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from .types import Face
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries keep the raw embedding's norm
 
 
 def default_root() -> Path:
@@ -65,6 +65,8 @@ class EmbeddingCache:
                 face = Face(bbox=data["bbox"].astype(np.float32), score=float(data["score"]),
                             keypoints=data["keypoints"].astype(np.float32), landmarks=landmarks,
                             embedding=data["embedding"].astype(np.float32))
+                norm = float(data["embedding_norm"])
+                face.embedding_norm = None if np.isnan(norm) else norm
         except (OSError, KeyError, ValueError):
             # Missing, or unreadable (another version, a disk error): recompute rather than fail.
             self.misses += 1
@@ -82,7 +84,8 @@ class EmbeddingCache:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, embedding=face.embedding, bbox=face.bbox, score=np.float32(face.score),
-                         keypoints=face.keypoints, landmarks=landmarks)
+                         keypoints=face.keypoints, landmarks=landmarks,
+                         embedding_norm=np.float64(np.nan if face.embedding_norm is None else face.embedding_norm))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -170,7 +170,11 @@ class DlibBackend:
         return dlib.full_object_detection(rect, [dlib.point(round(float(x)), round(float(y))) for x, y in lm])
 
     def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        vec = self.embed_raw(image, face)
+        return vec / max(float(np.linalg.norm(vec)), 1e-12)
+
+    def embed_raw(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """dlib's descriptor as computed (before FastFace's L2 normalisation)."""
         img = np.ascontiguousarray(image, dtype=np.uint8)
         shape = self._full_object_detection(img, face)
-        vec = np.asarray(self._encoder.compute_face_descriptor(img, shape, self.jitter, 0.25), dtype=np.float32)
-        return vec / max(float(np.linalg.norm(vec)), 1e-12)
+        return np.asarray(self._encoder.compute_face_descriptor(img, shape, self.jitter, 0.25), dtype=np.float32)

@@ -16,7 +16,7 @@ from .align import align_crop
 from .base import FaceBackend
 from .cache import EmbeddingCache, image_digest
 from .io import ImageSource, describe, detection_scale, load_image, pad, resize
-from .types import Face, Identity
+from .types import Face, Identity, Pose, check_embeddings
 
 DEFAULT_DET_SIZES = (640, 480, 320)  # retried in turn by backends with a fixed-size detector (SCRFD)
 PAD_RATIO = 0.35  # border added on each side for the last retry (face filling the frame)
@@ -116,12 +116,34 @@ def analyze(image: ImageSource, backend: str | FaceBackend = "dlib", select: str
     return _analyze_array(img, be, select, name)
 
 
+def pose_from_photo(image: ImageSource, backend: str | FaceBackend = "dlib", select: str | int = "largest") -> Pose:
+    """The five keypoints of the chosen face of a photo, with the photo's size (InstantID's ``--pose``)."""
+    be = resolve_backend(backend)
+    name = describe(image)
+    img = load_image(image)
+    faces = detect_faces(img, be)
+    if not faces:
+        raise NoFaceError(f"no face found in the pose photo {name}")
+    _, face = choose_face(faces, select, name)
+    return Pose(keypoints=face.keypoints.astype(np.float32), size=(int(img.shape[1]), int(img.shape[0])),
+                source=str(image) if isinstance(image, (str, Path)) else name)
+
+
 def _analyze_array(img: np.ndarray, be: FaceBackend, select: str | int, name: str) -> Face:
     faces = detect_faces(img, be)
     if not faces:
         raise NoFaceError(f"no face found in {name}")
     _, face = choose_face(faces, select, name)
-    face.embedding = np.asarray(be.embed(img, face), dtype=np.float32)
+    embed_raw = getattr(be, "embed_raw", None)
+    if embed_raw is None:
+        face.embedding = np.asarray(be.embed(img, face), dtype=np.float32)
+        return face
+    # The same normalisation as the backends' embed(), keeping the norm for adapters that read the raw
+    # vector (InstantID, FaceID-Portrait _unnorm).
+    raw = np.asarray(embed_raw(img, face), dtype=np.float32)
+    norm = float(np.linalg.norm(raw))
+    face.embedding = (raw / max(norm, 1e-12)).astype(np.float32)
+    face.embedding_norm = norm
     return face
 
 
@@ -179,7 +201,7 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
     reject = reject_default if reject_threshold is None else float(reject_threshold)
     reject = min(reject, flag)
 
-    names, embeddings, crops, keypoints = [], [], [], []
+    names, embeddings, crops, keypoints, norms, sizes = [], [], [], [], [], []
     iterator: Iterable[ImageSource] = srcs
     if progress and len(srcs) > 1:
         from tqdm.auto import tqdm
@@ -200,9 +222,14 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
         embeddings.append(face.embedding)
         crops.append(align_crop(img, face.keypoints, 224))
         keypoints.append(face.keypoints.astype(np.float32))
+        norms.append(face.embedding_norm)
+        sizes.append((int(img.shape[1]), int(img.shape[0])))
 
     rows = np.stack(embeddings).astype(np.float32)
     rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    raw = None
+    if all(n is not None for n in norms):
+        raw = (rows * np.asarray(norms, dtype=np.float32)[:, None]).astype(np.float32)
     sims = leave_one_out_similarities(rows) if len(rows) > 1 else np.ones(1)
     if len(rows) > 1:
         worst = int(np.argmin(sims))
@@ -220,7 +247,7 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
     mean /= max(float(np.linalg.norm(mean)), 1e-12)
     return Identity(embedding=mean.astype(np.float32), embeddings=rows, backend=be.name, model=be.model_id,
                     crops=crops, keypoints=keypoints, sources=names, outliers=outliers,
-                    similarities=[float(s) for s in sims])
+                    similarities=[float(s) for s in sims], raw_embeddings=raw, image_sizes=sizes)
 
 
 def describe_name(name: str) -> str:
@@ -259,10 +286,9 @@ def load_embedding(path: str | Path) -> Identity:
     except Exception as exc:  # numpy / safetensors raise many kinds for a corrupt file
         raise InputError(f"'{path}' is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     arr = np.asarray(arr)
-    if not np.issubdtype(arr.dtype, np.floating) or arr.ndim not in (1, 2) or 0 in arr.shape:
+    if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"'{path}' holds a {arr.dtype} array of shape {tuple(arr.shape)}; "
                          "expected float (D,) or (n, D)")
-    if not np.isfinite(arr).all() or (np.linalg.norm(arr.reshape(-1, arr.shape[-1]), axis=1) == 0).any():
-        raise InputError(f"'{path}' holds a zero, NaN or infinite embedding")
+    check_embeddings(arr, f"'{path}'")
     return Identity.from_embeddings(arr, backend=meta.get("backend", "external"),
                                     model=meta.get("model", "external"), sources=[str(p)])

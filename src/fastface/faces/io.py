@@ -7,6 +7,8 @@ becomes one :class:`~fastface.errors.InputError` line that names the file.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -53,15 +55,44 @@ def load_image(src: ImageSource) -> np.ndarray:
         out = _open_and_convert(io.BytesIO(bytes(src)), name)
     elif isinstance(src, (str, Path)):
         path = Path(src).expanduser()
-        if not path.exists():
-            raise InputError(f"{name} does not exist")
-        if path.is_dir():
-            raise InputError(f"{name} is a directory, not an image")
+        check_regular_file(path, name)
         out = _open_and_convert(path, name)
     else:
         raise InputError(f"cannot read an image from {name}: pass a path, bytes, a numpy array or a PIL image")
     _check_size(out.shape[1], out.shape[0], name)
     return out
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a non-regular, non-folder file is ("a FIFO (named pipe)", "a socket", ...), else None."""
+    for test, kind in _SPECIAL_FILES:
+        if test(mode):
+            return kind
+    return None
+
+
+def check_regular_file(path: Path, name: str | None = None) -> None:
+    """Refuse, without opening it, anything but a regular file: opening a FIFO blocks until a
+    writer appears (forever, for a stray pipe), and a device reads without end."""
+    name = name or f"'{path}'"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{name} does not exist") from None
+    except NotADirectoryError:
+        raise InputError(f"{name} does not exist (a parent is a file)") from None
+    except PermissionError:
+        raise InputError(f"{name} cannot be read (permission denied)") from None
+    except OSError as exc:
+        raise InputError(f"{name} cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{name} is a directory, not an image")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{name} is {special_file_kind(mode) or 'not a regular file'}, not an image file")
 
 
 def _check_size(width: int, height: int, name: str) -> None:

@@ -194,6 +194,10 @@ class OnnxFaceBackend:
         """The L2-normalised (embedding_dim,) float32 embedding of ``face``."""
         return self.recognizer.embed(_as_rgb(image), _keypoints_of(face))
 
+    def embed_raw(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """The recogniser's un-normalised (embedding_dim,) output (antelopev2: what InstantID expects)."""
+        return self.recognizer.embed_raw(_as_rgb(image), _keypoints_of(face))
+
     def __repr__(self) -> str:
         return f"OnnxFaceBackend(pack={self.name!r}, model_id={self.model_id!r}, providers={self.providers})"
 
