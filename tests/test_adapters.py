@@ -35,9 +35,9 @@ def test_registry():
     assert "non-commercial" in faceid.licence[0]
     tiny = spec_for_backbone("faceid-plusv2", "tiny")
     assert (tiny.embedding_dim, tiny.face_backend, tiny.weight_name) == (128, "dlib", FACEID_PLUS_FILE)
-    with pytest.raises(ConfigError, match="unknown adapter 'pulid'.*faceid, faceid-plusv2, plus-face, "
+    with pytest.raises(ConfigError, match="unknown adapter 'photomaker'.*faceid, faceid-plusv2, plus-face, "
                        "faceid-portrait, faceid-portrait-unnorm, instantid"):
-        get_adapter("pulid")
+        get_adapter("photomaker")
 
 
 def test_missing_adapter_offline_names_repo_and_file(tiny_dir):
