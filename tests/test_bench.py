@@ -31,10 +31,10 @@ def tiny_report(tmp_path_factory):
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--backbone", "tiny", "--device", "cpu",
         "--steps", "4", "--repeats", "1", "--warmup", "0", "--no-progress", "--threads", "1",
-        "--variants", "none,fastface,fastface-guided,naive,fastface-unfused",
+        "--variants", "none,fastface,fastface-guided,naive,fastface-unfused,naive-planned", "--host-stages", "1",
         "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=480)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # strict JSON: no NaN/Infinity literals
     report = json.loads((out / "bench.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
@@ -49,7 +49,20 @@ def test_evaluation_counts_at_four_steps(tiny_report):
     assert evals["fastface-guided"] == 8
     assert evals["fastface-unfused"] == 10
     assert evals["none"] == 4
+    assert evals["naive-planned"] == 10  # the published loop with only the plan's branches
     assert all(row["error"] is None for row in report["results"].values())
+
+
+def test_host_stages_compare_the_cached_and_the_legacy_placement(tiny_report):
+    report, markdown, _ = tiny_report
+    host = report["host_stages"]
+    for view in ("cached", "legacy"):
+        row = host[view]
+        assert row["host_total"] == pytest.approx(row["identity"] + row["prompt"] + row["setup"] + row["finish"], abs=0.01)
+        assert row["setup"] > 0 and row["encode_prompt"] > 0
+    assert host["walks_ms"]["unet.dtype"] > 0 and host["unet_modules"] > 100
+    assert "before (walks per use)" in markdown and "after (read once)" in markdown
+    assert report["results"]["naive-planned"]["lora_state"] == "fused"
 
 
 def test_report_states_lora_state_timings_and_deviation(tiny_report):

@@ -108,3 +108,18 @@ def test_cli_prints_the_same_message_and_exits_2(tmp_path, args, changes):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"error: {library.value}"]
     assert not (tmp_path / "cache").exists()  # refused before the tiny models were even built
+
+
+def test_compile_is_a_configuration_field_checked_before_loading():
+    from fastface.cli import build_parser
+    from fastface.commands import config_from_args
+    from fastface.config import GenerationConfig
+
+    assert GenerationConfig(backbone="tiny", compile=True).compile
+    args = build_parser().parse_args(["generate", "--backbone", "tiny", "--prompt", "x", "--face", "f.npy", "--out", "o.png",
+                                      "--compile"])
+    assert config_from_args(args).compile
+    with pytest.raises(ConfigError, match="compile and cpu_offload cannot be combined"):
+        GenerationConfig(backbone="tiny", compile=True, cpu_offload=True).validate()
+    with pytest.raises(ConfigError, match="compile needs fused LoRAs"):
+        GenerationConfig(backbone="tiny", compile=True, fuse_loras=False).validate()

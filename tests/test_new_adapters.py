@@ -338,3 +338,31 @@ def test_registry_and_licences():
     assert ADAPTERS["faceid-portrait-unnorm"].weight_name.endswith("_unnorm.bin")
     files = [f.filename for f in ADAPTERS["instantid"].required_files()]
     assert files == ["ip-adapter.bin", "ControlNetModel"]
+
+
+@pytest.mark.parametrize("name", ["plus-face", "instantid"])
+def test_seam_adapters_run_the_call_contexts_without_module_walks(pipes, name):
+    # Speed II through the seam: FastFace IP processors get CallContexts (identity K/V projected
+    # once per call, fused kernel) and the call asks no module tree for its device or dtype.
+    import cProfile
+    import pstats
+
+    pipe = pipes[name]
+    assert pipe._ip_processors and pipe.am_kernel == "fused"
+    identity = _identity()
+    kwargs = {"method": "fastface", "output_type": "pil", "progress": False}
+    pipe(PROMPT, identity, **kwargs)  # warm
+    layer = next(iter(pipe._ip_processors.values())).to_k_ip[0]
+    calls = []
+    handle = layer.register_forward_hook(lambda *_: calls.append(1))
+    profile = cProfile.Profile()
+    try:
+        profile.enable()
+        result = pipe(PROMPT, identity, **kwargs)
+        profile.disable()
+    finally:
+        handle.remove()
+    names = {key[2] for key in pstats.Stats(profile).stats}
+    walks = {"get_parameter_dtype", "get_parameter_device", "_get_top_level_group_offload_hook", "attn_processors"}
+    assert not names & walks
+    assert len(calls) == len({tuple(p["branches"]) for p in result.metadata[0]["schedule"]}) < result.metadata[0]["steps"]

@@ -147,7 +147,8 @@ def test_am_targets_every_identity_token_by_default(pipe):
     assert default.metadata[0]["attention"]["tokens"] is None
     every = pipe(PROMPT, two_photos, attention=AttentionManipulation.scale_power(tokens=range(8)), **kwargs)
     first_four = pipe(PROMPT, two_photos, attention=AttentionManipulation.scale_power(tokens=[0, 1, 2, 3]), **kwargs)
-    assert torch.equal(default.latents, every.latents)
+    # Every token (None) runs the fused scale-power kernel, a token list the reference map: equal to 1e-5.
+    torch.testing.assert_close(default.latents, every.latents, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(default.latents, first_four.latents, atol=1e-4)
 
 

@@ -390,3 +390,44 @@ def manipulated_ip_attention(
         params = am.parts[part]
         out = adain_output(out, probs @ v, params.adain_weight, params.eps)
     return out.to(query.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused scale-power kernel
+
+
+def scale_power_log_factor(query: Tensor, key: Tensor, power: float | Tensor) -> Tensor:
+    """log of the per-query factor of the fused scale-power kernel, (B, h, L, 1), float32 or wider.
+
+    With logits Z = Q Kᵀ / √d over the S identity tokens, ``P^p = exp(p·Z − p·LSE(Z)) =
+    softmax(p·Z) · exp(LSE(p·Z) − p·LSE(Z))``: the factor is the second term. ``power`` may be a
+    0-d tensor (a compiled graph then holds no Python number).
+    """
+    work = torch.promote_types(query.dtype, torch.float32)
+    logits = (query.to(work) @ key.to(work).transpose(-1, -2)) * query.shape[-1] ** -0.5
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return torch.logsumexp(logits * power, dim=-1, keepdim=True) - lse * power
+
+
+def scale_power_sdpa(query: Tensor, key: Tensor, value: Tensor, power: float | Tensor) -> Tensor:
+    """softmax(p · Q Kᵀ / √d) V as one scaled-dot-product attention: p is folded into the S keys."""
+    return F.scaled_dot_product_attention(query, key * power, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+
+
+def fused_scale_power_attention(
+    query: Tensor, key: Tensor, value: Tensor, scale: float | Tensor, power: float | Tensor, cap: float = DEFAULT_CAP
+) -> Tensor:
+    """``s · P^p V`` (scale-power AM on every token) as one SDPA with logit scale p/√d and a per-query factor.
+
+    ``s · P^p = s · softmax(p·Z) · exp(LSE(p·Z) − p·LSE(Z))`` with Z = Q Kᵀ/√d. Since P ≤ 1, the
+    cap ``min(·, cap)`` cannot bind while ``s ≤ cap``; above it (only knowable for a Python float)
+    the exact capped map is computed instead. query (B, h, L, d), key/value (B, h, S, d) -> (B, h,
+    L, d) in the query's dtype; equals :func:`manipulated_ip_attention` (scale-power, every token).
+    """
+    if not isinstance(scale, Tensor) and scale > cap:
+        work = torch.promote_types(query.dtype, torch.float32)
+        probs = attention_probs(query.to(work), key.to(work))
+        return (scale_power(probs, scale, float(power), cap) @ value.to(work)).to(query.dtype)
+    out = scale_power_sdpa(query, key, value, power)
+    factor = torch.exp(scale_power_log_factor(query, key, power)) * scale
+    return (out * factor.to(out.dtype)).to(query.dtype)

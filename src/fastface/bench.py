@@ -10,6 +10,10 @@ median over repeats, device-synchronised on GPU. Variants:
 - ``naive``: what the published research code does: all three branches at every step, the
   identity projection re-run inside every UNet call, the adapter LoRA unfused;
 - ``fastface-unfused``: ``fastface`` before the LoRAs are fused (the fusion's before/after);
+- ``naive-fused``: ``naive`` after the LoRAs are fused (what fusion alone gains);
+- ``naive-planned``: ``naive-fused`` evaluating only the branches of the step plan (what branch
+  planning alone gains; ``fastface`` then adds the engine's loop: identity tokens and K/V once
+  per call, one batched call, host timesteps, no syncs);
 - ``sdxl``: the multi-step baseline, 30 steps of stock CFG 5 with the same adapter.
 
 Variants are run round-robin (repeat r of every variant before repeat r + 1) so that a machine
@@ -34,7 +38,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,18 +60,25 @@ VARIANTS = (
     "fastface-softmask",
     "naive",
     "fastface-unfused",
+    "naive-fused",
+    "naive-planned",
     "sdxl",
 )
 DEFAULT_VARIANTS = (
-    "none", "dcg", "am", "fastface", "fastface-guided", "fastface-softmask", "naive", "fastface-unfused", "sdxl",
+    "none", "dcg", "am", "fastface", "fastface-guided", "fastface-softmask", "naive", "fastface-unfused",
+    "naive-fused", "naive-planned", "sdxl",
 )
 # Variants measured while the LoRAs are still unfused.
 UNFUSED_VARIANTS = ("naive", "fastface-unfused")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FULLSIZE = "fullsize"
 PROMPT = "a portrait photo of a person, studio lighting, detailed face"
-STAGES = ("identity", "prompt", "denoise", "decode", "total")
-SPEED_OPTIONS = ("channels-last", "compile")
+STAGES = ("identity", "prompt", "setup", "denoise", "decode", "total")
+# Host-only stages of an engine call (the encoders reused): what --host-stages reports.
+HOST_STAGES = ("identity", "prompt", "setup", "finish")
+SPEED_OPTIONS = ("channels-last", "compile", "graphs", "fp8")
+# Variants never re-timed with speed options (they run the published loop, or need unfused LoRAs).
+NOT_REPEATED_WITH_OPTIONS = ("naive", "fastface-unfused", "naive-fused", "naive-planned")
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,9 @@ class BenchOptions:
     fuse: bool = True
     compile: bool = False
     compile_mode: str | None = None
+    compile_backend: str = "inductor"
+    host_stages: int = 0
+    fp8: bool = False
     channels_last: bool = False
     vae: str = "default"
     vae_tiling: bool = False
@@ -97,7 +111,7 @@ class BenchOptions:
     sync_check: bool = False
     like: str = "hyper-4"
     am_pairs: int = 0
-    am_kernel: str = "lean"
+    am_kernel: str = "fused"
     compare_options: tuple[str, ...] = ()
     vae_compare: bool = False
     progress: bool = True
@@ -110,7 +124,7 @@ class BenchOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "am_pairs"):
+        for name in ("warmup", "am_pairs", "host_stages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
@@ -263,11 +277,16 @@ def apply_speed_options(pipe: FastFacePipeline, options: BenchOptions) -> list[s
     if options.vae_tiling:
         pipe.sdxl.vae.enable_tiling()
         applied.append("vae-tiling")
+    if options.fp8:
+        from .fp8 import quantize_unet_fp8
+
+        count = quantize_unet_fp8(pipe)
+        applied.append(f"fp8 ({count} linear layers)")
     if options.compile:
-        # Compiles the UNet's forward in place (the module object stays the same, so the adapter
-        # processors installed on it keep working).
-        unet.compile(fullgraph=False, dynamic=True, mode=options.compile_mode)
-        applied.append("torch.compile(unet)")
+        # The pipeline's compiled path: UNet + VAE decode, fused LoRAs, tensors for per-call numbers.
+        mode = options.compile_mode if options.compile_mode is not None else ...
+        pipe.compile(mode=mode, backend=options.compile_backend)
+        applied.append(f"compile ({options.compile_backend}, {pipe.compile_report()['mode']})")
     return applied
 
 
@@ -315,6 +334,7 @@ class VariantSpec:
     guidance: Any = None
     steps: int | None = None
     naive: bool = False
+    planned: bool = False
 
 
 def variant_specs(options: BenchOptions) -> dict[str, VariantSpec]:
@@ -335,6 +355,10 @@ def variant_specs(options: BenchOptions) -> dict[str, VariantSpec]:
             "fastface", naive=True,
         ),
         "fastface-unfused": VariantSpec("fastface-unfused", "fastface before LoRA fusion", "fastface"),
+        "naive-fused": VariantSpec("naive-fused", "naive with the LoRAs fused", "fastface", naive=True),
+        "naive-planned": VariantSpec(
+            "naive-planned", "naive, fused, only the step plan's branches", "fastface", naive=True, planned=True
+        ),
         "sdxl": VariantSpec(
             "sdxl", f"multi-step baseline: {options.baseline_steps} steps, CFG {options.baseline_cfg:g}, same adapter",
             "none", plain_cfg(options.baseline_cfg), options.baseline_steps,
@@ -356,7 +380,7 @@ def run_engine(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options
         config = config.with_guidance(spec.guidance)
     result = pipe.generate(config, identity, output_type="pil", progress=False)
     meta = result.metadata[0]
-    timings = {stage: float(meta["timings_ms"][stage]) for stage in STAGES}
+    timings = {stage: float(meta["timings_ms"][stage]) for stage in STAGES if stage in meta["timings_ms"]}
     controlnet = int(meta.get("controlnet_evaluations", 0))
     return timings, int(meta["unet_evaluations"]), controlnet, result.latents, result.images
 
@@ -373,7 +397,7 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .guidance import StepPlan, decoupled_guidance, plan_steps
+    from .guidance import StepPlan, combine, decoupled_guidance, plan_steps
     from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE
     from .steps import assemble_step_inputs, sdxl_time_ids
 
@@ -384,8 +408,10 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
     cfg, am = pipe.resolve_method(spec.method or "fastface")
     # The same LoRAs active as in an engine call (distillation + adapter at the default weight).
     pipe.activate_loras(DEFAULT_LORA_SCALE)
-    # Every step evaluates ε∅, εI and εTI, whatever the coefficients (the published loop).
-    plans = [StepPlan(p.step, p.alpha, p.beta, p.rescale, ("null", "id", "full")) for p in plan_steps(cfg, steps)]
+    # The step plan (naive-planned evaluates only its branches); the published loop evaluates
+    # ε∅, εI and εTI at every step, whatever the coefficients.
+    planned = plan_steps(cfg, steps)
+    plans = [StepPlan(p.step, p.alpha, p.beta, p.rescale, ("null", "id", "full")) for p in planned]
     n = options.images
     start = time.perf_counter()
     embedding = torch.as_tensor(identity.embedding[None], device=device, dtype=dtype).expand(n, -1)
@@ -410,8 +436,32 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
         shape = (n, unet.config.in_channels, height // sdxl.vae_scale_factor, width // sdxl.vae_scale_factor)
         latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
+        # The rows of each branch (null, id-only, full) in the three-branch stacks above.
+        rows = step_inputs.rows
+        text, added = step_inputs.encoder_hidden_states, step_inputs.added_cond_kwargs
+
+        def planned_step(k: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+            # The published loop, but with only the plan's branches in the batch (branch planning alone).
+            branches = [b for b in planned[k].branches if b in rows]
+            take = torch.cat([torch.arange(rows[b] * n, rows[b] * n + n, device=device) for b in branches])
+            model_input = scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
+            tokens = projection(id_embeds[take])
+            out = unet(
+                model_input, t, encoder_hidden_states=text[take],
+                added_cond_kwargs={key: value[take] for key, value in added.items()},
+                cross_attention_kwargs=pipe.adapter.attention_kwargs(
+                    tokens, scale=DEFAULT_IP_SCALE, step=k, attention=am),
+                return_dict=False,
+            )[0]
+            preds = dict(zip(branches, out.chunk(len(branches))))
+            noise = combine(preds, planned[k], cfg.decomposition)
+            return scheduler.step(noise, t, latents, return_dict=False)[0]
+
         def naive_denoising_loop(latents: torch.Tensor) -> torch.Tensor:
             for k, t in enumerate(scheduler.timesteps):
+                if spec.planned:
+                    latents = planned_step(k, t, latents)
+                    continue
                 model_input = scheduler.scale_model_input(torch.cat([latents] * step_inputs.num_chunks), t)
                 tokens = projection(id_embeds)
                 out = unet(
@@ -441,7 +491,8 @@ def run_naive(pipe: FastFacePipeline, spec: VariantSpec, identity: Any, options:
         "decode": (end - t_decode) * 1000,
         "total": (end - start) * 1000,
     }
-    return timings, 3 * steps, 0, latents, images
+    evaluations = sum(len([b for b in p.branches if b in rows]) for p in planned) if spec.planned else 3 * steps
+    return timings, evaluations, 0, latents, images
 
 
 def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: int, pairs: int,
@@ -456,10 +507,10 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
     import torch
 
     from .presets import DEFAULT_IP_SCALE
-    from .processors import CONTEXT_KEY, IPContext, make_am_kernel
+    from .processors import CONTEXT_KEY, CallContexts, make_am_kernel
 
     if kernels is None:
-        kernels = ("reference", "lean", "compiled") if pipe.device.type == "cuda" else ("reference", "lean")
+        kernels = ("reference", "lean", "fused", "compiled") if pipe.device.type == "cuda" else ("reference", "lean", "fused")
     _, am = pipe.resolve_method("fastface")
     device, dtype = pipe.device, pipe.dtype
     unet = pipe.sdxl.unet
@@ -475,10 +526,17 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
         "time_ids": torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype).expand(3, -1),
     }
     ident = torch.cat([tokens.null, tokens.cond, tokens.cond]).to(device, dtype)
-    contexts = {"off": {CONTEXT_KEY: IPContext(tokens=ident, scale=DEFAULT_IP_SCALE, step=1, attention=None)}}
+    # As the engine builds them: identity K/V projected once (so "off" and every kernel share it).
+    processors = pipe._ip_processors
+    per_photo = pipe.adapter.tokens_per_photo if pipe.adapter is not None else None
+    contexts: dict[str, Any] = {
+        "off": {CONTEXT_KEY: CallContexts(processors, DEFAULT_IP_SCALE, None, device=device,
+                                          tokens_per_photo=per_photo).context(ident, 1)}
+    }
     for kind in kernels:
-        contexts[kind] = {CONTEXT_KEY: IPContext(tokens=ident, scale=DEFAULT_IP_SCALE, step=1, attention=am,
-                                                 am_kernel=make_am_kernel(kind))}
+        builder = CallContexts(processors, DEFAULT_IP_SCALE, am, kernel=kind, am_kernel=make_am_kernel(kind),
+                               device=device, tokens_per_photo=per_photo)
+        contexts[kind] = {CONTEXT_KEY: builder.context(ident, 1)}
 
     def timed(name: str) -> float:
         synchronize(device)
@@ -520,6 +578,119 @@ def am_step_overhead(pipe: FastFacePipeline, identity: Any, height: int, width: 
             "overhead_percent": round((statistics.median(ratios[name]) - 1.0) * 100, 2),
             "overhead_percent_of_minima": round((min(times[name]) / min(times["off"]) - 1.0) * 100, 2),
         }
+    return out
+
+
+def legacy_placement_view(pipe: FastFacePipeline) -> FastFacePipeline:
+    """The same pipeline (same state, same models) with the placement reads of the code before the cache.
+
+    As FastFace did before :mod:`fastface.placement`: ``device``/``dtype`` asked of the UNet at
+    every use (diffusers walks its ~1,900 modules), prompts encoded by diffusers'
+    ``encode_prompt`` (which asks each text encoder for its execution device, another walk), the
+    package versions read at every call. For measuring the host set-up before/after in one run.
+    """
+    import torch
+
+    from .metadata import _versions
+    from .pipeline import FastFacePipeline, PromptEmbeds
+
+    class LegacyPlacement(FastFacePipeline):
+        @property
+        def device(self) -> torch.device:
+            return self._offload_device if self._offload_device is not None else self.sdxl.unet.device
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return self.sdxl.unet.dtype
+
+        def encode_prompt(self, prompt: Any, negative_prompt: Any = None) -> PromptEmbeds:
+            if negative_prompt is not None:  # pragma: no cover - the host-stage table uses no negatives
+                return super().encode_prompt(prompt, negative_prompt)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            with torch.no_grad():
+                cond, _, pooled, _ = self.sdxl.encode_prompt(
+                    prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+            dtype = self.dtype
+            null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+            _versions.__wrapped__()  # the package versions, read again (metadata caches them now)
+            return PromptEmbeds(tuple(prompts), (None,) * len(prompts), cond.to(dtype), pooled.to(dtype),
+                                null.to(dtype), null_pooled.to(dtype))
+
+    view = LegacyPlacement.__new__(LegacyPlacement)
+    view.__dict__ = pipe.__dict__  # one state: a fusion or compile shows in both
+    return view
+
+
+def host_stage_times(pipe: FastFacePipeline, identity: Any, options: BenchOptions, steps: int, height: int,
+                     width: int, rounds: int) -> dict[str, Any]:
+    """Host time per stage outside the denoising loop, this code vs the placement reads before it, one run.
+
+    Each round calls ``fastface`` once through the pipeline and once through
+    :func:`legacy_placement_view` (rotating which goes first) with the prompt and identity
+    encodings reused, so the identity and prompt stages hold host work only (the encoders' compute
+    is timed separately); ``finish`` is what the call spends after its ``total`` clock stops
+    (metadata). ``encode_prompt`` (the two text encoders, compute included) is timed the same
+    way, and each module walk on its own.
+    """
+    import torch
+
+    from .metadata import _versions
+
+    legacy = legacy_placement_view(pipe)
+    views = {"cached": pipe, "legacy": legacy}
+    tokens = pipe.encode_identity(identity)
+    embeds = pipe.encode_prompt(PROMPT)
+    per_view: dict[str, dict[str, list[float]]] = {name: {k: [] for k in (*HOST_STAGES, "host_total", "encode_prompt")}
+                                                  for name in views}
+    for index in range(rounds + 1):  # round 0 warms up
+        order = list(views) if index % 2 == 0 else list(reversed(list(views)))
+        for name in order:
+            view = views[name]
+            synchronize(pipe.device)
+            start = time.perf_counter()
+            result = view(None, identity_tokens=tokens, prompt_embeds=embeds, method="fastface", steps=steps,
+                          height=height, width=width, seed=options.seed, output_type="pil", progress=False)
+            wall = (time.perf_counter() - start) * 1000
+            synchronize(pipe.device)
+            t0 = time.perf_counter()
+            view.encode_prompt(PROMPT)
+            synchronize(pipe.device)
+            encode_ms = (time.perf_counter() - t0) * 1000
+            if index == 0:
+                continue
+            timings = result.metadata[0]["timings_ms"]
+            row = {"identity": timings["identity"], "prompt": timings["prompt"], "setup": timings["setup"],
+                   "finish": wall - timings["total"]}
+            row["host_total"] = sum(row.values())
+            row["encode_prompt"] = encode_ms
+            for key, value in row.items():
+                per_view[name][key].append(value)
+    out: dict[str, Any] = {"rounds": rounds, "method": "fastface", "steps": steps}
+    for name, table in per_view.items():
+        out[name] = {key: round(statistics.median(values), 3) for key, values in table.items()}
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    def walk_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return round((time.perf_counter() - start) * 1000 / repeats, 3)
+
+    sdxl = pipe.sdxl
+    out["walks_ms"] = {
+        "unet.dtype": walk_ms(lambda: sdxl.unet.dtype),
+        "unet.device": walk_ms(lambda: sdxl.unet.device),
+        "vae.dtype": walk_ms(lambda: sdxl.vae.dtype),
+        "execution_device(text_encoder)": walk_ms(lambda: get_module_execution_device(sdxl.text_encoder)),
+        "execution_device(text_encoder_2)": walk_ms(lambda: get_module_execution_device(sdxl.text_encoder_2)),
+        "unet.attn_processors": walk_ms(lambda: sdxl.unet.attn_processors),
+        "package versions": walk_ms(_versions.__wrapped__),
+        "cached pipe.device + pipe.dtype": walk_ms(lambda: (pipe.device, pipe.dtype)),
+    }
+    out["unet_modules"] = sum(1 for _ in sdxl.unet.modules())
+    del torch
     return out
 
 
@@ -683,8 +854,9 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every requested variant; returns the report (see :func:`format_markdown`).
 
-    ``checkpoint(report)`` receives the report measured so far before the (slow) speed-option
-    stages start, so that a run stopped during compilation still leaves its table.
+    ``checkpoint(report)`` receives the report measured so far after the main table, after each
+    extra measurement and after each speed-option row, so that a run stopped (a timeout during
+    compilation) still leaves what it measured.
     """
     import torch
 
@@ -713,6 +885,7 @@ def run_benchmark(
     specs = variant_specs(options)
     results: dict[str, VariantResult] = {}
     outputs: dict[str, tuple[Any, list[Any]]] = {}
+    compile_reports: dict[str, Any] = {}
 
     def one_call(row: str, name: str, warm: bool) -> None:
         spec = specs[name]
@@ -720,7 +893,7 @@ def run_benchmark(
         call_steps = spec.steps or steps
         if warm and spec.steps is not None:
             # Warm-up of the long baseline: a few steps run the same kernels as all 30.
-            spec = VariantSpec(spec.name, spec.description, spec.method, spec.guidance, min(spec.steps, 3), spec.naive)
+            spec = replace(spec, steps=min(spec.steps, 3))
         reset_peak_memory(device)
         timings, evaluations, controlnet, latents, images = run(pipe, spec, identity, options, spec.steps or steps,
                                                                 height, width, options.seed)
@@ -770,19 +943,6 @@ def run_benchmark(
     applied = apply_speed_options(pipe, options)
     run_group(rest, state)
     extras: dict[str, Any] = {}
-    if options.am_pairs:
-        try:
-            extras["paired_unet_call"] = am_step_overhead(pipe, identity, height, width, options.am_pairs, options.seed)
-        except Exception as exc:  # the rest of the report stands without it
-            extras["paired_unet_call"] = {"error": f"{type(exc).__name__}: {exc}"}
-    if options.sync_check:
-        extras["sync_check"] = _sync_check(pipe, identity, options, steps, height, width, device)
-    if options.vae_compare:
-        if options.backbone != FULLSIZE or not outputs:
-            extras["vae_decode"] = {"skipped": "needs the fullsize backbone and one successful variant"}
-        else:
-            latents = next(iter(outputs.values()))[0]
-            extras["vae_decode"] = vae_decode_comparison(pipe, latents, options.repeats, device, log)
 
     def report() -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -804,10 +964,41 @@ def run_benchmark(
         }
         if "paired_unet_call" in extras:
             out["am_overhead"]["paired_unet_call"] = extras["paired_unet_call"]
-        for key in ("sync_check", "vae_decode"):
+        for key in ("sync_check", "vae_decode", "host_stages"):
             if key in extras:
                 out[key] = extras[key]
+        out["compile"] = pipe.compile_report()
+        out["compile_reports"] = compile_reports
+        out["option_deviation"] = _option_deviation(outputs)
         return out
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint(report())  # a run stopped later still leaves what is measured so far
+
+    save()
+    if options.am_pairs:
+        try:
+            extras["paired_unet_call"] = am_step_overhead(pipe, identity, height, width, options.am_pairs, options.seed)
+        except Exception as exc:  # the rest of the report stands without it
+            extras["paired_unet_call"] = {"error": f"{type(exc).__name__}: {exc}"}
+        save()
+    if options.host_stages:
+        try:
+            extras["host_stages"] = host_stage_times(pipe, identity, options, steps, height, width, options.host_stages)
+        except Exception as exc:  # the rest of the report stands without it
+            extras["host_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"host stages failed: {extras['host_stages']['error']}")
+        save()
+    if options.sync_check:
+        extras["sync_check"] = _sync_check(pipe, identity, options, steps, height, width, device)
+    if options.vae_compare:
+        if options.backbone != FULLSIZE or not outputs:
+            extras["vae_decode"] = {"skipped": "needs the fullsize backbone and one successful variant"}
+        else:
+            latents = next(iter(outputs.values()))[0]
+            extras["vae_decode"] = vae_decode_comparison(pipe, latents, options.repeats, device, log)
+
 
     if options.compare_options:
         if checkpoint is not None:
@@ -816,18 +1007,58 @@ def run_benchmark(
         suffix = ""
         for label in options.compare_options:
             try:
-                apply_speed_options(pipe, BenchOptions(channels_last=label == "channels-last",
-                                                       compile=label == "compile", compile_mode=options.compile_mode))
+                _apply_compare_option(pipe, label, options, device)
             except Exception as exc:
                 log(f"speed option {label} failed: {type(exc).__name__}: {exc}")
                 break
             suffix += f"+{label}"
             applied.append(label)
-            for name in [n for n in options.variants if n not in (*UNFUSED_VARIANTS, "sdxl")]:
+            for name in [n for n in options.variants if n not in NOT_REPEATED_WITH_OPTIONS]:
                 run_group([name], state, suffix)
+                if pipe.compile_report() is not None:
+                    compile_reports[suffix] = pipe.compile_report()
                 if checkpoint is not None:
                     checkpoint(report())
     return report()
+
+
+def _apply_compare_option(pipe: FastFacePipeline, label: str, options: BenchOptions, device: torch.device) -> None:
+    """One more speed option on the running pipeline: compile (no CUDA graphs), graphs, fp8, channels-last."""
+    if label == "channels-last":
+        apply_speed_options(pipe, BenchOptions(channels_last=True))
+    elif label == "compile":
+        pipe.compile(mode=options.compile_mode, backend=options.compile_backend)
+    elif label == "graphs":
+        if device.type != "cuda":
+            raise ConfigError("CUDA graphs need a CUDA device")
+        pipe.compile(mode="reduce-overhead", backend=options.compile_backend)
+    elif label == "fp8":
+        from .fp8 import quantize_unet_fp8
+
+        quantize_unet_fp8(pipe)
+        report = pipe.compile_report()
+        if report is not None:  # a new graph for the new layers, compiled with the same options
+            pipe.compile(mode=None if report["mode"] == "default" else report["mode"], backend=report["backend"])
+
+
+def _option_deviation(outputs: dict[str, tuple[Any, list[Any]]]) -> dict[str, Any]:
+    """How far each speed-option row's output is from the same variant's eager row (same seed)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, (latents, images) in outputs.items():
+        if "+" not in name:
+            continue
+        base = outputs.get(name.split("+", 1)[0])
+        if base is None:
+            continue
+        row: dict[str, Any] = {"latents": deviation(base[0].float().cpu().numpy(), latents.float().cpu().numpy())}
+        if images and base[1]:
+            a = np.stack([np.asarray(im) for im in base[1]])
+            b = np.stack([np.asarray(im) for im in images])
+            row["images_uint8"] = deviation(a, b, peak=255.0)
+        out[name] = row
+    return out
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Callable[[str], None]:
@@ -947,7 +1178,7 @@ def _sync_check(pipe: FastFacePipeline, identity: Any, options: BenchOptions, st
     for name in ("fastface", "fastface-softmask", "sdxl"):
         spec = specs[name]
         if spec.steps is not None:
-            spec = VariantSpec(spec.name, spec.description, spec.method, spec.guidance, 4, spec.naive)
+            spec = replace(spec, steps=4)
         check[name] = find_loop_syncs(
             lambda s=spec: run_engine(pipe, s, identity, options, s.steps or steps, height, width, options.seed)
         )
@@ -985,19 +1216,20 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"on {where} ({machine['device']}, torch {machine['torch']}, {machine.get('torch_threads')} threads)"
         + (f"; speed options: {', '.join(report['speed_options'])}" if report["speed_options"] else ""),
         "",
-        "| variant | LoRA | steps | UNet evals | ControlNet evals | identity ms | prompt ms | denoise ms | decode ms "
-        "| total ms/image | vs none | ms/step | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | LoRA | steps | UNet evals | ControlNet evals | identity ms | prompt ms | setup ms | denoise ms "
+        "| decode ms | total ms/image | vs none | ms/step | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in report["results"].items():
         ms = row["ms_per_image"]
         if row["error"]:
-            lines.append(f"| {name} | {row['lora_state']} | – | – | – | failed: {row['error']} | | | | | | | |")
+            lines.append(f"| {name} | {row['lora_state']} | – | – | – | failed: {row['error']} | | | | | | | | |")
             continue
         lines.append(
             f"| {name} | {row['lora_state']} | {row['steps']} | {row['evaluations']} | "
             f"{row.get('controlnet_evaluations', 0)} | {_fmt(ms['identity'])} | "
-            f"{_fmt(ms['prompt'])} | {_fmt(ms['denoise'])} | {_fmt(ms['decode'])} | {_fmt(ms['total'])} | "
+            f"{_fmt(ms['prompt'])} | {_fmt(ms.get('setup'))} | {_fmt(ms['denoise'])} | {_fmt(ms['decode'])} | "
+            f"{_fmt(ms['total'])} | "
             f"{_fmt(report['ratios_vs_none'].get(name), 2)} | {_fmt(row['denoise_ms_per_step'])} | "
             f"{_fmt(row['peak_memory_mb'], 0)} |"
         )
@@ -1059,6 +1291,31 @@ def format_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {name} | failed: {row['error']} | |")
             else:
                 lines.append(f"| {name} | {row['decode_ms']:.1f} | {row['peak_memory_mb']:.0f} |")
+    host = report.get("host_stages")
+    if host and "error" not in host:
+        lines += ["", f"Host set-up per call outside the denoising loop ({host['method']}, encodings reused, "
+                      f"median of {host['rounds']} rotating rounds; UNet of {host['unet_modules']} modules), ms:", "",
+                  "| placement | identity | prompt | setup | finish | host total | encode_prompt (compute incl.) |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, label in (("legacy", "before (walks per use)"), ("cached", "after (read once)")):
+            row = host[name]
+            lines.append(f"| {label} | {row['identity']:.2f} | {row['prompt']:.2f} | {row['setup']:.2f} | "
+                         f"{row['finish']:.2f} | **{row['host_total']:.2f}** | {row['encode_prompt']:.1f} |")
+        lines += ["", "One module walk each, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in host["walks_ms"].items())]
+    elif host:
+        lines += ["", f"Host stages: failed: {host['error']}"]
+    compiled = report.get("compile_reports") or {}
+    for suffix, row in compiled.items():
+        graphs = ", ".join(f"{m} {row[m]['graphs']} graph(s) {row[m]['per_shape']} in {row[m]['compile_seconds']:.0f} s"
+                           for m in ("unet", "vae"))
+        unexpected = {m: row[m]["unexpected"] for m in ("unet", "vae") if row[m]["unexpected"]}
+        lines.append(f"Compiled{suffix}: backend {row['backend']}, mode {row['mode']}: {graphs}; "
+                     + (f"UNEXPECTED recompiles {unexpected}" if unexpected else "no unexpected recompile"))
+    for name, row in (report.get("option_deviation") or {}).items():
+        text = f"{name} vs eager (same seed): latents max |Δ| {row['latents']['max_abs']:.3g}"
+        if "images_uint8" in row:
+            text += f"; images max |Δ| {row['images_uint8']['max_abs']:.0f}/255, PSNR {row['images_uint8']['psnr_db']:.1f} dB"
+        lines.append(text)
     sync = report.get("sync_check")
     if sync:
         lines += ["", "Host-device syncs inside the denoising loop (CUDA sync debug mode):"]
@@ -1105,7 +1362,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-check", action="store_true", help="CUDA: look for host-device syncs in the loop")
     parser.add_argument("--am-pairs", type=int, default=0, metavar="N",
                         help="also time N paired UNet calls with/without AM (the AM overhead per step)")
-    parser.add_argument("--am-kernel", default="lean", choices=("reference", "lean", "compiled"),
+    parser.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                        help="torch.compile backend (eager/aot_eager: graph capture without code generation)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 linear layers in the fused UNet (CUDA, Hopper+)")
+    parser.add_argument("--host-stages", type=int, default=0, metavar="N",
+                        help="also time the host set-up per stage, cached vs legacy placement, N rounds")
+    parser.add_argument("--am-kernel", default="fused", choices=("reference", "lean", "compiled", "fused"),
                         help="implementation of scale-power AM used in the table")
     parser.add_argument("--compare-options", default="", metavar="LIST",
                         help=f"after the table, re-time none/fastface adding each of these in turn: {','.join(SPEED_OPTIONS)}")
@@ -1123,7 +1385,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         backbone=args.backbone, adapter=args.adapter, resolution=args.resolution, steps=args.steps,
         repeats=args.repeats, warmup=args.warmup, variants=variants, device=args.device, dtype=args.dtype,
         seed=args.seed, images=args.images, baseline_steps=args.baseline_steps, baseline_cfg=args.baseline_cfg,
-        fuse=args.fuse, compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last, vae=args.vae,
+        fuse=args.fuse, compile=args.compile, compile_mode=args.compile_mode, compile_backend=args.compile_backend,
+        host_stages=args.host_stages, fp8=args.fp8, channels_last=args.channels_last, vae=args.vae,
         vae_tiling=args.vae_tiling, gpu=args.gpu, sync_check=args.sync_check, like=args.like,
         am_pairs=args.am_pairs, am_kernel=args.am_kernel, compare_options=tuple(o.strip() for o in args.compare_options.split(",") if o.strip()), vae_compare=args.vae_compare,
         progress=args.progress,

@@ -115,6 +115,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="decode in tiles: VAE memory independent of the image size")
     parser.add_argument("--cpu-offload", action="store_true",
                         help="keep models on the CPU, each moved to the GPU only while it runs (CUDA only; slower)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the fused UNet and the VAE decode once (CUDA graphs on CUDA); "
+                             "the first image of each size pays the compilation")
     parser.add_argument("--limits", default=None, metavar="KEY=N[,KEY=N]",
                         help="raise the upper bounds for big machines: steps (default 200), size (height and "
                              "width, 4096), images (per call, 64); e.g. --limits steps=500,size=8192")
@@ -161,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         vae_tiling=bool(getattr(args, "vae_tiling", False)),
         cpu_offload=bool(getattr(args, "cpu_offload", False)),
         fuse_loras=not getattr(args, "no_fuse", False),
+        compile=bool(getattr(args, "compile", False)),
         limits=Limits.parse(limits) if isinstance(limits, str) else (limits or Limits()),
         adapter_options=adapter_options_from_args(args),
     )

@@ -254,8 +254,10 @@ class GenerationConfig:
     ``attention`` its attention manipulation (None: off; unset: the preset's). ``adapter_options``:
     the adapter's own per-call options (name -> value; e.g. a pose photo), given to its ``encode``. ``loras``: extra
     style LoRAs as (path, weight). ``device``/``dtype``: "auto" or a name. Memory options: ``vae``,
-    ``vae_tiling``, ``cpu_offload``; ``fuse_loras`` merges the LoRAs into the UNet once. ``sampler``:
-    a distilled backbone's sampling over ``base_model``, a checkpoint with the distillation merged in.
+    ``vae_tiling``, ``cpu_offload``; ``fuse_loras`` merges the LoRAs into the UNet once; ``compile``
+    compiles the fused UNet and the VAE decode (:meth:`FastFacePipeline.compile`; needs fused LoRAs,
+    excludes CPU offload). ``sampler``: a distilled backbone's sampling over ``base_model``, a
+    checkpoint with the distillation merged in.
     """
 
     prompts: tuple[str, ...] = ()
@@ -292,6 +294,7 @@ class GenerationConfig:
     vae_tiling: bool = False
     cpu_offload: bool = False
     fuse_loras: bool = True
+    compile: bool = False
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -330,6 +333,11 @@ class GenerationConfig:
 
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a Limits, got {type(self.limits).__name__}")
+        if self.compile and self.cpu_offload:
+            raise ConfigError("compile and cpu_offload cannot be combined")
+        if self.compile and not self.fuse_loras:
+            # Compiled graphs hold the fused weights: compiling needs the one fixed LoRA weighting.
+            raise ConfigError("compile needs fused LoRAs (drop --no-fuse)")
         backbone = with_scheduler(backbone_spec(self.backbone, self.sampler, self.base_model), self.scheduler,
                                   self.cfg_scale)
         adapter = spec_for_backbone(self.adapter, backbone.name) if self.adapter is not None else None

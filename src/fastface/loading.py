@@ -76,6 +76,7 @@ class LoadingMixin:
         sampler: str | None = None,
         scheduler: str | None = None,
         cfg_scale: float | None = None,
+        compile: bool = False,
     ) -> FastFacePipeline:
         """Load a backbone (METHOD §6 name or ``tiny``) and an adapter (``faceid``, ``faceid-plusv2``, None).
 
@@ -95,6 +96,7 @@ class LoadingMixin:
         merged in, with that backbone's scheduler, steps and CFG-free scale, loading no distillation
         weights (see :func:`fastface.backbones.sampler_spec`). ``scheduler``/``cfg_scale``: another
         sampler and stock CFG scale (:func:`fastface.backbones.with_scheduler`, e.g. PuLID's recipe).
+        ``compile`` fuses the LoRAs and compiles the UNet and the VAE decode (see ``compile()``).
         """
         spec = with_scheduler(backbone_spec(backbone, sampler, base_model), scheduler, cfg_scale)
         if adapter is not None:
@@ -102,6 +104,8 @@ class LoadingMixin:
 
             get_adapter(adapter)  # fail on a bad name before loading gigabytes
         device = check_device(device)
+        if compile and cpu_offload:
+            raise ConfigError("compile and cpu_offload cannot be combined")
         if cpu_offload and device.type != "cuda":
             raise ConfigError(f"cpu_offload=True needs a CUDA device (the pipeline's device is {device})")
         dtype = check_dtype(dtype) or default_dtype(device)
@@ -128,6 +132,8 @@ class LoadingMixin:
         pipe.set_vae_tiling(vae_tiling)
         if cpu_offload:
             pipe.enable_model_cpu_offload(device)
+        if compile:
+            pipe.compile()
         return pipe
 
     @classmethod

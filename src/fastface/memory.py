@@ -8,6 +8,7 @@ import torch
 
 from .backbones import VAE_DEFAULT, VaeChoice, default_device
 from .errors import ConfigError
+from .placement import Placement
 
 
 class MemoryOptionsMixin:
@@ -17,6 +18,8 @@ class MemoryOptionsMixin:
     adapter: Any
     _offload_device: torch.device | None
     _vae_choice: VaeChoice | None
+    _placement: Placement
+    _compiled: Any
 
     @property
     def vae_choice(self) -> VaeChoice | None:
@@ -38,12 +41,15 @@ class MemoryOptionsMixin:
         target = torch.device(device) if device is not None else default_device()
         if target.type != "cuda":
             raise ConfigError(f"cpu_offload needs a CUDA device (got {target})")
+        if self._compiled is not None:
+            raise ConfigError("compile and cpu_offload cannot be combined")
         if target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
         self.sdxl.enable_model_cpu_offload(device=target)
         if self.adapter is not None:
             self.adapter.to(target)
         self._offload_device = target
+        self._placement = Placement(target, self._placement.dtype)
 
     @property
     def vae_tiling(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.metadata
 from collections.abc import Mapping, Sequence
@@ -15,13 +16,19 @@ from .guidance import branch_conditions, unet_evaluations
 
 def versions() -> dict[str, str]:
     """Versions of FastFace and the libraries that decide the pixels."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    # importlib.metadata scans the installed distributions (milliseconds): once per process.
     found = {"fastface": __version__}
     for package in ("torch", "diffusers", "transformers", "peft"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = "not installed"
-    return found
+    return tuple(found.items())
 
 
 def face_licence(backend: str) -> str | None:
@@ -115,6 +122,7 @@ def call_metadata(
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "memory": pipe.memory_options(),
+        "compiled": pipe.compile_report(),
         "versions": versions(),
         "licence": licences(
             pipe.backbone.licence,

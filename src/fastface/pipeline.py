@@ -39,6 +39,7 @@ from .backbones import (
     VaeChoice,
     backbone_lora_weights,
 )
+from .compiled import CompileMixin
 from .config import (
     DEFAULT_LIMITS,
     FROM_METHOD,
@@ -58,8 +59,9 @@ from .guidance import BRANCHES, GuidanceConfig, StepPlan, plan_steps
 from .loading import LoadingMixin, replace_vae
 from .lora import LoraMixin, LoraState
 from .memory import MemoryOptionsMixin
+from .placement import Placement, PlacementMixin
 from .presets import DEFAULT_IP_SCALE, DEFAULT_LORA_SCALE, DEFAULT_METHOD, get_method, plain_cfg
-from .processors import make_am_kernel
+from .processors import CallContexts, installed, make_am_kernel
 from .steps import StepInputs, assemble_step_inputs, image_rows, sdxl_time_ids
 from .timing import StageClock
 
@@ -94,7 +96,7 @@ class GenerationResult:
     metadata: list[dict[str, Any]] = field(default_factory=list)
 
 
-class FastFacePipeline(LoadingMixin, MemoryOptionsMixin, LoraMixin):
+class FastFacePipeline(LoadingMixin, PlacementMixin, CompileMixin, MemoryOptionsMixin, LoraMixin):
     """Identity-preserving text-to-image on an SDXL backbone with an identity adapter (or none)."""
 
     def __init__(
@@ -114,34 +116,28 @@ class FastFacePipeline(LoadingMixin, MemoryOptionsMixin, LoraMixin):
         # The accelerator the offloaded models run on (None: no CPU offload).
         self._offload_device: torch.device | None = None
         self._loras = LoraState(sdxl, backbone_lora_weights(backbone, loras))
-        self._am_kernel_name = "lean"
+        # Fused: exact (1e-5), float-free for the compiled path, and on the CPU (bf16, SDXL shapes,
+        # benchmarks/am_kernels.py) 2.0-2.4x faster than the lean kernel; see benchmarks/RESULTS.md.
+        self._am_kernel_name = "fused"
         self._am_kernel = make_am_kernel(self._am_kernel_name)
         self._previous_processors = adapter.install(sdxl.unet) if adapter is not None else None
+        # FastFace IP-Adapter layers by name, read once (unet.attn_processors walks the UNet); empty
+        # for adapters with their own processors (PuLID), which then get no CallContexts.
+        self._ip_processors = installed(sdxl.unet) if adapter is not None else {}
         # One call at a time per pipeline: a call sets LoRA weights and offload hooks on shared
         # modules, so overlapping calls would mix their states. Re-entrant for fuse_loras.
         self._lock = threading.RLock()
-        vae = sdxl.vae
-        # AutoencoderTiny and the fp16-fix VAE say force_upcast=False (or nothing): they stay in float16.
-        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            # The SDXL VAE overflows in float16. diffusers casts it up and back down around every
-            # decode; keeping it in float32 once costs ~160 MB and leaves no cast inside calls.
-            vae.to(torch.float32)
+        self._upcast_vae()
+        # Device and dtype, read once here (and by .to / enable_model_cpu_offload): diffusers'
+        # unet.device / unet.dtype walk every module of the UNet each time they are asked.
+        self._placement = Placement.of(sdxl)
+        self._compiled = None  # the compiled UNet / VAE decode (see compile()); None: eager
+        self._compile_options: dict[str, Any] | None = None
 
-    @property
-    def device(self) -> torch.device:
-        """Where the models run: the UNet's device, or the accelerator of CPU offload (diffusers'
-        ``_execution_device``: the offloaded weights themselves rest on the CPU)."""
-        if self._offload_device is not None:
-            return self._offload_device
-        return self.sdxl.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.sdxl.unet.dtype
 
     @property
     def am_kernel(self) -> str:
-        """How scale-power AM is computed: "lean" (default), "reference" or "compiled" (see processors)."""
+        """How scale-power AM is computed: "fused" (default), "lean", "reference" or "compiled" (see processors)."""
         return self._am_kernel_name
 
     def set_am_kernel(self, kind: str) -> None:
@@ -225,6 +221,8 @@ class FastFacePipeline(LoadingMixin, MemoryOptionsMixin, LoraMixin):
         # Offloaded weights move between devices, so they stay unfused there.
         if config.fuse_loras and not config.cpu_offload:
             pipe.fuse_loras(config.lora_scale)
+        if config.compile:  # after fusing: the graphs hold the fused weights
+            pipe.compile(lora_scale=config.lora_scale)
         return pipe
 
     def generate(self, config: GenerationConfig, face: Any = None, **overrides: Any) -> GenerationResult:
@@ -294,20 +292,21 @@ class FastFacePipeline(LoadingMixin, MemoryOptionsMixin, LoraMixin):
             clock.mark("loop")
             # 5. denoising loop
             latents = sampling.denoise(
-                self.sdxl.unet, run.scheduler, run.latents, run.timesteps, run.timesteps_host, run.inputs,
+                self.sdxl.unet if self._compiled is None else self._compiled.unet, run.scheduler, run.latents, run.timesteps, run.timesteps_host, run.inputs,
                 run.attention_kwargs, request.guidance.decomposition, kwargs_for_step=run.step_kwargs,
                 cond=run.timestep_cond, adapter=self.adapter, conditioning=conditioning, callback=callback,
                 progress=progress, desc=f"fastface {self.backbone.name}",
             )
             clock.mark("decode")
             # 6. decode
-            images = sampling.decode(self.sdxl, latents, output_type)
+            images = sampling.decode(self.sdxl, latents, output_type, self._decoder())
             if self._offload_device is not None:
                 self.sdxl.maybe_free_model_hooks()  # the VAE (or UNet) leaves the GPU, as in diffusers
             clock.mark("end")
             # 7. describe
             timings = clock.durations_ms({
-                "identity": ("identity", "prompt"), "prompt": ("prompt", "setup"), "denoise": ("loop", "decode"),
+                "identity": ("identity", "prompt"), "prompt": ("prompt", "setup"), "setup": ("setup", "loop"),
+                "denoise": ("loop", "decode"),
                 "decode": ("decode", "end"), "total": ("start", "end"),
             })
             metadata = meta.call_metadata(self, request, embeds, num_images_per_prompt, seeds, conditioning, timings)
@@ -317,7 +316,12 @@ class FastFacePipeline(LoadingMixin, MemoryOptionsMixin, LoraMixin):
         """Decode final latents (n, 4, h/8, w/8) with the pipeline's VAE to PIL images or arrays ("np")."""
         if output_type not in ("pil", "np"):
             raise ConfigError(f"output_type must be 'pil' or 'np' to decode; got {output_type!r}")
-        return sampling.decode(self.sdxl, latents.to(self.device), output_type)
+        return sampling.decode(self.sdxl, latents.to(self.device), output_type, self._decoder())
+
+    def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        # The compiled decode, unless the VAE was replaced after compile()
+        compiled = self._compiled
+        return compiled.decode if compiled is not None and compiled.vae is self.sdxl.vae else None
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -433,7 +437,16 @@ def _set_up(
         identity=None if conditioning is None else conditioning.cond.to(device, dtype),
         null_identity=None if conditioning is None else conditioning.null.to(device, dtype),
     )
-    attention_kwargs = [_attention_kwargs(pipe, step, request, conditioning) for step in inputs]
+    contexts = None
+    if pipe._ip_processors and conditioning is not None:
+        # What is fixed for the whole call (identity K/V per token stack, tensor scales, fused parts),
+        # built once; under CPU offload the K/V weights reach the GPU only inside the UNet's forward.
+        contexts = CallContexts(
+            pipe._ip_processors, request.ip_scale, request.attention, kernel=pipe._am_kernel_name,
+            am_kernel=pipe._am_kernel, device=device, project=pipe._offload_device is None,
+            tokens_per_photo=pipe.adapter.tokens_per_photo,
+        )
+    attention_kwargs = [_attention_kwargs(pipe, step, request, conditioning, contexts) for step in inputs]
     run = _Run(
         scheduler, latents, timesteps, timesteps_host, inputs, attention_kwargs,
         sampling.step_kwargs(scheduler, pipe.backbone, generators),
@@ -446,13 +459,14 @@ def _set_up(
     return run
 
 def _attention_kwargs(
-    pipe: FastFacePipeline, step: StepInputs, request: _Request, conditioning: IdentityConditioning | None
+    pipe: FastFacePipeline, step: StepInputs, request: _Request, conditioning: IdentityConditioning | None,
+    contexts: CallContexts | None,
 ) -> dict[str, Any] | None:
     if pipe.adapter is None or step.identity_tokens is None:
         return None
     return pipe.adapter.attention_kwargs(
         step.identity_tokens, scale=request.ip_scale, step=step.plan.step, attention=request.attention,
-        am_kernel=pipe._am_kernel, conditioning=conditioning,
+        am_kernel=pipe._am_kernel, conditioning=conditioning, contexts=contexts,
     )
 
 

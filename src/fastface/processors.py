@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
-from .attention import AttentionManipulation, ScalePowerParams, manipulated_ip_attention
+from .attention import (
+    AttentionManipulation,
+    ScalePowerParams,
+    fused_scale_power_attention,
+    manipulated_ip_attention,
+    scale_power_log_factor,
+    scale_power_sdpa,
+)
 from .errors import ConfigError
 
 PARTS = ("down", "mid", "up")
@@ -38,6 +45,13 @@ class IPContext:
     device value); ``attention``: the attention manipulation, or None; ``am_kernel``: a function
     with the signature of :func:`scale_power_attention` computing scale-power AM on every token
     (None: :func:`fastface.attention.manipulated_ip_attention`).
+
+    Built by :class:`CallContexts` (the engine), a context also carries what is fixed for the
+    whole call: ``kv``, each layer's identity keys and values (B, S, inner) projected once per
+    call; ``values``, the call's numbers as 0-d float32 tensors (``"scale"`` = λ, ``"s:<part>"``
+    and ``"p:<part>"`` for scale-power), which a processor then reads instead of the floats, so
+    that a compiled UNet holds no guard on them; and ``fused``, the parts whose scale-power AM is
+    computed at this step by the fused kernel (decided on the host before the loop).
     """
 
     tokens: torch.Tensor
@@ -48,6 +62,9 @@ class IPContext:
     am_kernel: Callable[..., torch.Tensor] | None = None
     # Identity tokens per reference photo (the adapter's); None: the whole token axis is one photo.
     tokens_per_photo: int | None = None
+    kv: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    values: Mapping[str, torch.Tensor] | None = None
+    fused: tuple[str, ...] = ()
 
 
 def scale_power_attention(
@@ -72,14 +89,18 @@ def scale_power_attention(
 
 
 # Implementations of scale-power AM a pipeline can choose (``IPContext.am_kernel``).
-AM_KERNELS = ("reference", "lean", "compiled")
+AM_KERNELS = ("reference", "lean", "compiled", "fused")
 
 
 def make_am_kernel(kind: str) -> Callable[..., torch.Tensor] | None:
-    """The function for ``kind``: None (reference), :func:`scale_power_attention`, or its compiled form.
+    """The function for ``kind``: None (reference), :func:`scale_power_attention`, its compiled form,
+    or :func:`fastface.attention.fused_scale_power_attention`.
 
     ``compiled`` fuses the casts, softmax, power and scale into a few kernels with
     ``torch.compile`` (CUDA: Triton); compiled once per input shape family on first use.
+    ``fused`` is one SDPA with the power folded into the keys and a per-query factor; inside the
+    engine (:class:`CallContexts`) the factor and λ are applied in the same pass that adds the
+    identity branch to the text branch.
     """
     if kind not in AM_KERNELS:
         raise ConfigError(f"am kernel must be one of {', '.join(AM_KERNELS)}; got {kind!r}")
@@ -87,6 +108,8 @@ def make_am_kernel(kind: str) -> Callable[..., torch.Tensor] | None:
         return None
     if kind == "lean":
         return scale_power_attention
+    if kind == "fused":
+        return fused_scale_power_attention
     return torch.compile(scale_power_attention, dynamic=True, fullgraph=True)
 
 
@@ -111,7 +134,7 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     context (the UNet called outside FastFace) the identity branch is off: text-only attention.
     """
 
-    def __init__(self, base: IPAdapterAttnProcessor2_0, part: str) -> None:
+    def __init__(self, base: IPAdapterAttnProcessor2_0, part: str, name: str | None = None) -> None:
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         # The parent allocates its own projections; on the meta device that costs nothing, and
@@ -121,6 +144,8 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         self.to_k_ip = base.to_k_ip
         self.to_v_ip = base.to_v_ip
         self.part = part
+        # The layer's name in the UNet: the key of its identity K/V in IPContext.kv.
+        self.name = name
 
     def __call__(
         self,
@@ -170,9 +195,9 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         hidden_states = hidden_states.to(query.dtype)
 
         context = ip_hidden_states
-        if context is not None and context.scale != 0:
-            identity = self._identity_branch(attn, query, context, batch_size, head_dim)
-            hidden_states = hidden_states + context.scale * identity
+        # With tensor values, λ is never read as a float (no guard, no host check): λ = 0 adds 0.
+        if context is not None and (context.values is not None or context.scale != 0):
+            hidden_states = self._add_identity(attn, hidden_states, query, context, batch_size, head_dim)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -182,15 +207,60 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _add_identity(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        context: IPContext,
+        batch_size: int,
+        head_dim: int,
+    ) -> torch.Tensor:
+        """hidden + λ · Attn(Q, K_ip, V_ip), with AM where the context's configuration targets this part and step."""
+        scale = context.scale if context.values is None else context.values["scale"]
+        if self.part not in context.fused:
+            identity = self._identity_branch(attn, query, context, batch_size, head_dim)
+            return hidden_states + scale * identity
+        # Fused scale-power: s·P^p V = softmax(p·Z) V · s·exp(LSE(pZ) − p·LSE(Z)); the per-query
+        # factor, s and λ are applied in the one pass that adds the branch to the text output.
+        ip_key, ip_value = self._identity_kv(attn, context, batch_size, head_dim)
+        values = context.values
+        if values is None:  # pragma: no cover - CallContexts always sets values with fused parts
+            raise ValueError("a fused AM part needs the context's tensor values")
+        power = values[f"p:{self.part}"]
+        out = scale_power_sdpa(query, ip_key, ip_value, power)
+        factor = torch.exp(scale_power_log_factor(query, ip_key, power)) * (values[f"s:{self.part}"] * scale)
+        heads = attn.heads
+        combined = torch.addcmul(
+            hidden_states.view(batch_size, -1, heads, head_dim),
+            out.transpose(1, 2),
+            factor.transpose(1, 2).to(hidden_states.dtype),
+        )
+        return combined.reshape(batch_size, -1, heads * head_dim)
+
+    def _identity_kv(
+        self, attn: Attention, context: IPContext, batch_size: int, head_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity keys and values (B, h, S, d): projected once per call (``context.kv``) or here."""
+        if context.kv is not None and self.name in context.kv:
+            ip_key, ip_value = context.kv[self.name]
+        else:
+            tokens = context.tokens
+            if tokens.shape[0] != batch_size:
+                tokens = tokens.expand(batch_size, -1, -1)
+            ip_key, ip_value = self.to_k_ip[0](tokens), self.to_v_ip[0](tokens)
+        if ip_key.shape[0] != batch_size:
+            ip_key = ip_key.expand(batch_size, -1, -1)
+            ip_value = ip_value.expand(batch_size, -1, -1)
+        ip_key = ip_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        ip_value = ip_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        return ip_key, ip_value
+
     def _identity_branch(
         self, attn: Attention, query: torch.Tensor, context: IPContext, batch_size: int, head_dim: int
     ) -> torch.Tensor:
         """Attn(Q, K_ip, V_ip) with AM where the context's configuration targets this part and step."""
-        tokens = context.tokens
-        if tokens.shape[0] != batch_size:
-            tokens = tokens.expand(batch_size, -1, -1)
-        ip_key = self.to_k_ip[0](tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        ip_value = self.to_v_ip[0](tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        ip_key, ip_value = self._identity_kv(attn, context, batch_size, head_dim)
         am = context.attention
         if am is not None and am.targets(self.part, context.step):
             params = am.parts[self.part]
@@ -218,7 +288,7 @@ def install(unet: Any) -> dict[str, Any]:
         if isinstance(processor, FastFaceIPAttnProcessor) or not isinstance(processor, IPAdapterAttnProcessor2_0):
             replaced[name] = processor
         else:
-            replaced[name] = FastFaceIPAttnProcessor(processor, part_of(name))
+            replaced[name] = FastFaceIPAttnProcessor(processor, part_of(name), name)
     unet.set_attn_processor(replaced)
     return previous
 
@@ -231,3 +301,76 @@ def uninstall(unet: Any, previous: Mapping[str, Any]) -> None:
 def installed(unet: Any) -> dict[str, FastFaceIPAttnProcessor]:
     """The FastFace processors currently on ``unet``, by layer name."""
     return {n: p for n, p in unet.attn_processors.items() if isinstance(p, FastFaceIPAttnProcessor)}
+
+
+class CallContexts:
+    """The :class:`IPContext` of every step of one call, with what is fixed for the whole call built once.
+
+    ``processors``: the FastFace processors by layer name (see :func:`installed`; cached by the
+    pipeline, since ``unet.attn_processors`` walks the UNet). For each distinct stack of identity
+    tokens (the engine reuses one tensor per branch combination) every layer's identity keys and
+    values are projected once, not once per step (``project=False``: inside each UNet call, as
+    under model CPU offload, where those weights reach the GPU only during the UNet's forward); λ and the scale-power parameters become 0-d
+    tensors on ``device``; whether a part's AM runs the fused kernel at a step is decided here,
+    from the Python numbers, before the loop (the cap cannot bind while s ≤ cap).
+    """
+
+    def __init__(
+        self,
+        processors: Mapping[str, FastFaceIPAttnProcessor],
+        scale: float,
+        attention: AttentionManipulation | None,
+        *,
+        kernel: str = "fused",
+        am_kernel: Callable[..., torch.Tensor] | None = None,
+        device: torch.device | str | None = None,
+        project: bool = True,
+        tokens_per_photo: int | None = None,
+    ) -> None:
+        if kernel not in AM_KERNELS:
+            raise ConfigError(f"am kernel must be one of {', '.join(AM_KERNELS)}; got {kernel!r}")
+        self.processors = dict(processors)
+        self.scale = float(scale)
+        self.attention = attention
+        self.kernel = kernel
+        # False under model CPU offload: the K/V weights reach the GPU only inside the UNet's forward.
+        self.project = project
+        self.tokens_per_photo = tokens_per_photo
+        # The per-layer function of the parts the fused kernel does not take (a cap that binds):
+        # the given one (the pipeline's, compiled once), else the lean kernel.
+        self._am_kernel = am_kernel if am_kernel is not None or kernel == "reference" else scale_power_attention
+        self._projected: dict[int, tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        numbers = {"scale": self.scale}
+        self._fusable: tuple[str, ...] = ()
+        if attention is not None and attention.mode == "scale-power":
+            for part, params in attention.parts.items():
+                if isinstance(params, ScalePowerParams):
+                    numbers[f"s:{part}"] = params.scale
+                    numbers[f"p:{part}"] = params.power
+            if kernel == "fused" and attention.tokens is None:
+                self._fusable = tuple(
+                    part for part, params in attention.parts.items()
+                    if isinstance(params, ScalePowerParams) and params.scale <= attention.cap
+                )
+        # One host-to-device copy for all of them (a copy before the loop, never inside it).
+        packed = torch.tensor(list(numbers.values()), dtype=torch.float32).to(device)
+        self.values = {name: packed[i] for i, name in enumerate(numbers)}
+
+    def _kv(self, tokens: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        key = id(tokens)
+        if key not in self._projected:
+            with torch.no_grad():
+                kv = {name: (p.to_k_ip[0](tokens), p.to_v_ip[0](tokens)) for name, p in self.processors.items()}
+            # The tensor is kept with its projections: its id cannot be reused while cached.
+            self._projected[key] = (tokens, kv)
+        return self._projected[key][1]
+
+    def context(self, tokens: torch.Tensor, step: int) -> IPContext:
+        """The context of the UNet call at loop index ``step`` with identity ``tokens`` (B, S, C)."""
+        am = self.attention
+        fused = tuple(part for part in self._fusable if am is not None and am.targets(part, step))
+        return IPContext(
+            tokens=tokens, scale=self.scale, step=step, attention=am, am_kernel=self._am_kernel,
+            kv=self._kv(tokens) if self.project else None, values=self.values, fused=fused,
+            tokens_per_photo=self.tokens_per_photo,
+        )

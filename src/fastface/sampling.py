@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .guidance import combine as combine_branches
+from .placement import encode_sdxl_text, module_dtype
 from .steps import StepInputs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,18 +28,17 @@ if TYPE_CHECKING:  # pragma: no cover
 def encode_text(
     sdxl: Any, prompts: list[str], negatives: Sequence[str | None] | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(T tokens, T pooled, ∅ tokens, ∅ pooled), one row per prompt; ∅ is all zeros without negatives."""
+    """(T tokens, T pooled, ∅ tokens, ∅ pooled), one row per prompt; ∅ is all zeros without negatives.
+
+    diffusers' ``encode_prompt`` computation (:func:`fastface.placement.encode_sdxl_text`), with the
+    device given rather than asked of each text encoder (a walk over its modules).
+    """
     with torch.no_grad():
-        cond, _, pooled, _ = sdxl.encode_prompt(
-            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        cond, pooled = encode_sdxl_text(sdxl, prompts, device)
         if negatives is None:
             # METHOD §2: the null text is all-zero token and pooled embeddings.
             return cond, pooled, torch.zeros_like(cond), torch.zeros_like(pooled)
-        null, _, null_pooled, _ = sdxl.encode_prompt(
-            prompt=[n or "" for n in negatives], device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+        null, null_pooled = encode_sdxl_text(sdxl, [n or "" for n in negatives], device)
     return cond, pooled, null, null_pooled
 
 
@@ -165,8 +165,13 @@ def denoise(
     return latents
 
 
-def decode(sdxl: Any, latents: torch.Tensor, output_type: str) -> list[Any]:
-    """Final latents -> PIL images or arrays; [] for "latent"."""
+def decode(sdxl: Any, latents: torch.Tensor, output_type: str,
+           decoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[Any]:
+    """Final latents -> PIL images or arrays; [] for "latent".
+
+    ``decoder``: the VAE decode of scaled latents to use instead of ``sdxl.vae.decode`` (the
+    compiled one, :class:`fastface.compiled.CompiledModels`).
+    """
     if output_type == "latent":
         return []
     vae = sdxl.vae
@@ -174,7 +179,7 @@ def decode(sdxl: Any, latents: torch.Tensor, output_type: str) -> list[Any]:
         # As diffusers' SDXL pipeline: the KL VAEs undo their scaling (and per-channel
         # statistics where the config has them); AutoencoderTiny has neither statistics nor
         # upcast, its scaling_factor is 1 and its decoder outputs [-1, 1] like the KL decoder.
-        z = latents.to(vae.dtype)
+        z = latents.to(module_dtype(vae))  # vae.dtype would walk every module of the VAE
         mean = getattr(vae.config, "latents_mean", None)
         std = getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -183,7 +188,7 @@ def decode(sdxl: Any, latents: torch.Tensor, output_type: str) -> list[Any]:
             z = z * std_t / vae.config.scaling_factor + mean_t
         else:
             z = z / vae.config.scaling_factor
-        image = vae.decode(z, return_dict=False)[0]
+        image = vae.decode(z, return_dict=False)[0] if decoder is None else decoder(z)
     watermark = getattr(sdxl, "watermark", None)
     if watermark is not None:
         image = watermark.apply_watermark(image)

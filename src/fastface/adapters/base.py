@@ -256,14 +256,20 @@ class IdentityAdapter(ABC):
         attention: Any,
         am_kernel: Any = None,
         conditioning: IdentityConditioning | None = None,
+        contexts: Any = None,
     ) -> dict[str, Any]:
         """``cross_attention_kwargs`` of one batched UNet call: per-row identity tokens (B, S, C).
 
         ``conditioning`` is the call's encoded identity (its ``extras`` may carry per-call settings
-        of the adapter's processors, e.g. PuLID's zero-token count).
+        of the adapter's processors, e.g. PuLID's zero-token count). ``contexts``: the engine's
+        :class:`~fastface.processors.CallContexts` of the call (what is fixed for the whole call:
+        identity K/V projected once, tensor scales, fused-kernel parts), when the adapter's layers
+        are FastFace IP-Adapter processors; None: a plain per-step context.
         """
         from ..processors import CONTEXT_KEY, IPContext
 
+        if contexts is not None:
+            return {CONTEXT_KEY: contexts.context(tokens, step)}
         context = IPContext(
             tokens=tokens, scale=scale, step=step, attention=attention, am_kernel=am_kernel,
             tokens_per_photo=self.tokens_per_photo,

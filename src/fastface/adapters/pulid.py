@@ -357,7 +357,9 @@ class PuLIDAdapter(IdentityAdapter):
         sdxl.unet.set_attn_processor(dict(previous))
 
     def attention_kwargs(self, tokens: torch.Tensor, *, scale: float, step: int, attention: Any,
-                         am_kernel: Any = None, conditioning: IdentityConditioning | None = None) -> dict[str, Any]:
+                         am_kernel: Any = None, conditioning: IdentityConditioning | None = None,
+                         contexts: Any = None) -> dict[str, Any]:
+        # PuLID's own processors (models/pulid_attention.py) take no CallContexts: ``contexts`` is None.
         from ..processors import CONTEXT_KEY
 
         settings = self.settings(conditioning)

@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     grid = Grid(seeds=args.seeds, split=args.split, limit=args.limit)
     summary = run_grid(config, args.dataset, args.run_dir, grid, device=args.device,
                        command=["fastface", *sys.argv[1:]], progress=not args.no_progress,
-                       cpu_offload=args.cpu_offload)
+                       cpu_offload=args.cpu_offload, compile=bool(getattr(args, "compile", False)))
     where = "" if summary.world == 1 else f" (rank {summary.rank} of {summary.world}: {summary.assigned} samples)"
     if summary.repaired:
         from .run import damaged_line

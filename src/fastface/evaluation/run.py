@@ -101,7 +101,7 @@ class RunConfig:
         data["lora"] = list(self.lora)
         return data
 
-    def generation_config(self, device: str = "auto", cpu_offload: bool = False) -> Any:
+    def generation_config(self, device: str = "auto", cpu_offload: bool = False, compile: bool = False) -> Any:
         """The :class:`~fastface.config.GenerationConfig` of this run (prompts and seeds come per batch)."""
         from ..commands import parse_lora
         from ..config import GenerationConfig
@@ -113,7 +113,7 @@ class RunConfig:
             rescale=self.rescale, rescale_on=self.rescale_on, face_backend=self.face_backend,
             base_model=self.base_model, adapter_path=self.adapter_path, image_encoder=self.image_encoder,
             loras=tuple(parse_lora(item) for item in self.lora), device=device, dtype=self.dtype, vae=self.vae,
-            vae_tiling=self.vae_tiling, cpu_offload=cpu_offload,
+            vae_tiling=self.vae_tiling, cpu_offload=cpu_offload, compile=compile,
             adapter_options={} if self.controlnet_scale is None else {"controlnet_scale": self.controlnet_scale},
         )
 
@@ -596,7 +596,7 @@ def _device_for_rank(device: str | None) -> str:
 
 def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, grid: Grid | None = None, *,
              device: str | None = None, command: Sequence[str] | None = None, progress: bool = True,
-             manifest_timeout_s: float = 600.0, cpu_offload: bool = False) -> RunSummary:
+             manifest_timeout_s: float = 600.0, cpu_offload: bool = False, compile: bool = False) -> RunSummary:
     """Generate the missing samples of this process's share of the grid into ``run_dir``.
 
     Samples counted as done are verified first (record, image, sha256); damaged ones are regenerated
@@ -629,7 +629,8 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
         if previous is not None:
             check_compatible(previous, config, fingerprint, run_dir)
         return _run_locked(config, dataset, resolved, fingerprint, grid, units, n_total, everyone, command, run_dir,
-                           previous, rank, world, device, progress, manifest_timeout_s, cpu_offload, started)
+                           previous, rank, world, device, progress, manifest_timeout_s, cpu_offload, started,
+                           compile)
     finally:
         lock.release()
 
@@ -661,7 +662,7 @@ def _verified_done(run_dir: Path, samples: list[Sample]) -> tuple[set[str], dict
 def _run_locked(config: RunConfig, dataset: Dataset, resolved: dict, fingerprint: str, grid: Grid,
                 units: list[list[Sample]], n_total: int, everyone: set[str], command: list[str], run_dir: Path,
                 previous: dict | None, rank: int, world: int, device: str | None, progress: bool,
-                manifest_timeout_s: float, cpu_offload: bool, started: float) -> RunSummary:
+                manifest_timeout_s: float, cpu_offload: bool, started: float, compile: bool = False) -> RunSummary:
     from tqdm.auto import tqdm
 
     if rank == 0:
@@ -697,7 +698,7 @@ def _run_locked(config: RunConfig, dataset: Dataset, resolved: dict, fingerprint
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    generation = config.generation_config(_device_for_rank(device), cpu_offload)
+    generation = config.generation_config(_device_for_rank(device), cpu_offload, compile)
     pipe = commands.load_pipeline(generation)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)

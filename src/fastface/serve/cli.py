@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--token", default=None,
                        help=f"bearer token clients must send (better: the {TOKEN_ENV} environment variable); "
                             "required to listen on a non-loopback address")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile each served pipeline's fused UNet and VAE decode when it loads "
+                            "(CUDA graphs on CUDA; the first request of each size pays the compilation)")
     serve.add_argument("--no-batching", action="store_true", help="one pipeline call per request")
     serve.add_argument("--max-batch-images", type=int, default=16, metavar="N")
     serve.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="MS",
@@ -113,6 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.timeout <= 0 or args.batch_wait_ms < 0:
         raise ConfigError("--timeout must be > 0 and --batch-wait-ms >= 0")
+    if args.compile and args.no_fuse:
+        raise ConfigError("--compile needs fused LoRAs: drop --no-fuse")
     for module in ("fastapi", "uvicorn", "multipart"):
         require(module, "serve", "serve")
     if args.ray:
@@ -125,7 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     device, dtype = _device(args)
     options = {"models": models, "limits": limits, "device": None if device is None else str(device),
-               "dtype": dtype, "fuse_loras": not args.no_fuse, "token": token, "batching": not args.no_batching}
+               "dtype": dtype, "fuse_loras": not args.no_fuse, "token": token, "batching": not args.no_batching,
+               "compile": args.compile}
     if args.ray:
         from .ray_app import run_ray
 
@@ -136,7 +142,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import ServerSettings, create_app
     from .engine import Engine
 
-    engine = Engine(models, limits=limits, device=options["device"], dtype=dtype, fuse_loras=not args.no_fuse)
+    engine = Engine(models, limits=limits, device=options["device"], dtype=dtype, fuse_loras=not args.no_fuse,
+                    compile=args.compile)
     app = create_app(engine, ServerSettings(token=token, batching=not args.no_batching))
     print(f"fastface serve: http://{args.host}:{args.port} (docs at /docs); serving "
           + ", ".join(f"{b}+{a or 'none'}" for b, a in models), file=sys.stderr, flush=True)

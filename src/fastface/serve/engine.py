@@ -373,6 +373,7 @@ class Engine:
     ``served``: the (backbone, adapter) pairs to serve (loaded by :meth:`preload`); None serves
     any pair, each loaded on first use (the ``max_loaded`` newest kept). ``fuse_loras``: merge the
     LoRAs into the UNet at ``lora_scale`` 1 (faster; requests then cannot change ``lora_scale``).
+    ``compile``: compile each pipeline's fused UNet and VAE decode as it loads (needs ``fuse_loras``).
     """
 
     def __init__(
@@ -383,6 +384,7 @@ class Engine:
         device: str | None = None,
         dtype: Any = None,
         fuse_loras: bool = True,
+        compile: bool = False,
         identities: Any = None,
         max_loaded: int = 2,
     ) -> None:
@@ -390,7 +392,10 @@ class Engine:
         self.limits = limits or ServeLimits()
         self.device = device
         self.dtype = dtype
+        if compile and not fuse_loras:
+            raise ConfigError("compile needs fused LoRAs")
         self.fuse_loras = fuse_loras
+        self.compile = compile
         self.max_loaded = max_loaded
         self._pipelines: dict[tuple[str, str | None], Any] = {}
         self._load_lock = threading.Lock()
@@ -419,6 +424,8 @@ class Engine:
                 )
                 if self.fuse_loras and not pipe.cpu_offload:
                     pipe.fuse_loras(1.0)
+                if self.compile:
+                    pipe.compile(lora_scale=1.0)
                 if self.served is None and len(self._pipelines) >= self.max_loaded:
                     # Serving any pair (the UI): keep the newest few; a running call keeps its own reference.
                     self._pipelines.pop(next(iter(self._pipelines)))

@@ -82,6 +82,7 @@ def build_application(options: dict[str, Any], *, replicas: int, replica_cpus: f
                 torch.set_num_threads(torch_threads)
             engine = Engine(options["models"], limits=options["limits"], device=options.get("device"),
                             dtype=options.get("dtype"), fuse_loras=options.get("fuse_loras", True),
+                            compile=options.get("compile", False),
                             identities=ActorStore(store, "identity"))
             settings = ServerSettings(token=options.get("token"), batching=options.get("batching", True))
             self._app = create_app(engine, settings, jobs=ActorStore(store, "job"))
