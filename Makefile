@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/fastface demo --out out/demo
 
 test: install browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist load tests
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

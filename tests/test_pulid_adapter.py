@@ -60,8 +60,7 @@ def test_doctor_lists_the_three_files():
     from fastface.doctor import probe_generation_models
 
     entry = probe_generation_models()["adapters"]["pulid-v1.1"]
-    # doctor lists each file as "<repo or URL>/<file>: <status>"
-    assert [f.split(": ")[0].rsplit("/", 1)[-1] for f in entry["files"]] == ["pulid_v1.1.safetensors", "EVA02_CLIP_L_336_psz14_s6B.pt",
+    assert [f["file"] for f in entry["files"]] == ["pulid_v1.1.safetensors", "EVA02_CLIP_L_336_psz14_s6B.pt",
                                                    "parsing_bisenet.pth"]
     if entry["status"] != "present":  # offline test machines: the one command fetching them (the
         # URL-hosted parsing weights included, put beside the checkpoint)

@@ -133,7 +133,13 @@ def test_dataset_refuses_special_files_and_hidden_identities(smoke, tmp_path):
     shutil.copytree(smoke, root)
     os.mkfifo(root / "identities" / "astronaut" / "04-pipe.png")
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(root / "identities" / "grace-hopper" / "04-socket.png"))
+        # AF_UNIX paths are limited to ~107 bytes: bind from inside the folder, by a relative name.
+        here = os.getcwd()
+        os.chdir(root / "identities" / "grace-hopper")
+        try:
+            sock.bind("04-socket.png")
+        finally:
+            os.chdir(here)
         (root / "identities" / ".ada").mkdir()
         shutil.copy(smoke / "identities" / "astronaut" / "01-portrait.png", root / "identities" / ".ada")
         (root / "identities" / ".DS_Store").write_bytes(b"\0")  # the system's, not a person

@@ -112,7 +112,7 @@ def test_portrait_generate_compare_and_a_cat(page, tmp_path_factory, tmp_path):
     page.locator("#ff-generate").click()
     error = page.locator("#ff-error")
     expect(error).to_contain_text("Error: missing model weights:")
-    expect(error).to_contain_text("huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0")
+    expect(error).to_contain_text("fastface download hyper-4 faceid")
     _shot(page, tmp_path_factory, "5-missing-weights")
     page.locator("#ff-backbone input").click()
     page.get_by_role("option", name="tiny", exact=True).click()
