@@ -46,7 +46,7 @@ from .base import (
     read_ip_adapter_checkpoint,
     tiny_variant,
 )
-from .resampler import load_projection, projection_kind, resampler_input_dim
+from .resampler import load_projection, require_resampler, resampler_input_dim
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -232,9 +232,7 @@ class InstantIDAdapter(IdentityAdapter):
 
         checkpoint = checkpoint_path(spec, path)
         state = read_ip_adapter_checkpoint(checkpoint)
-        if projection_kind(state["image_proj"], state["ip_adapter"]) != "resampler":
-            raise InputError(f"'{checkpoint}' is not an InstantID ip-adapter.bin (no Resampler 'latents' / "
-                             "'proj_in' / 'layers' keys)")
+        require_resampler(state, checkpoint, "an InstantID ip-adapter.bin")
         folder = controlnet_folder(spec, checkpoint)
         unet = sdxl.unet
         try:

@@ -34,7 +34,7 @@ from .base import (
     tiny_variant,
 )
 from .clip import CLIP_H, ClipPreprocessor, load_image_encoder, penultimate_features
-from .resampler import load_projection, projection_kind, resampler_input_dim
+from .resampler import load_projection, require_resampler, resampler_input_dim
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -137,9 +137,7 @@ class PlusFaceAdapter(IdentityAdapter):
     ) -> PlusFaceAdapter:
         checkpoint = checkpoint_path(spec, path)
         state = read_ip_adapter_checkpoint(checkpoint)
-        if projection_kind(state["image_proj"], state["ip_adapter"]) != "resampler":
-            raise InputError(f"'{checkpoint}' is not an IP-Adapter Plus checkpoint (no Resampler 'latents' / "
-                             "'proj_in' / 'layers' keys), which the plus-face adapter needs")
+        require_resampler(state, checkpoint, "an IP-Adapter Plus checkpoint, which the plus-face adapter needs")
         encoder_folder = image_encoder_path(spec, image_encoder)
         unet = sdxl.unet
         encoder = load_image_encoder(encoder_folder, unet.dtype, unet.device)

@@ -43,6 +43,12 @@ def projection_kind(image_proj: Mapping[str, Any], ip_layers: Mapping[str, Any] 
     return "other"
 
 
+def require_resampler(state: Mapping[str, Any], checkpoint: Path, what: str) -> None:
+    """InputError unless ``state`` (an IP-Adapter checkpoint) projects through a Resampler."""
+    if projection_kind(state["image_proj"], state["ip_adapter"]) != "resampler":
+        raise InputError(f"'{checkpoint}' is not {what} (no Resampler 'latents' / 'proj_in' / 'layers' keys)")
+
+
 def resampler_input_dim(image_proj: Mapping[str, Any]) -> int:
     """Width of the Resampler's input tokens (CLIP hidden size, or the face embedding size)."""
     return int(image_proj["proj_in.weight"].shape[1])
