@@ -60,8 +60,9 @@ def test_host_stages_compare_the_cached_and_the_legacy_placement(tiny_report):
         row = host[view]
         assert row["host_total"] == pytest.approx(row["identity"] + row["prompt"] + row["setup"] + row["finish"], abs=0.01)
         assert row["setup"] > 0 and row["encode_prompt"] > 0
+        assert row["identity_kv"] > 0  # fastface projects identity K/V in the set-up: timed apart from the host work
     assert host["walks_ms"]["unet.dtype"] > 0 and host["unet_modules"] > 100
-    assert "before (walks per use)" in markdown and "after (read once)" in markdown
+    assert "before (walks per use)" in markdown and "after (read once)" in markdown and "identity K/V" in markdown
     assert report["results"]["naive-planned"]["lora_state"] == "fused"
 
 

@@ -200,6 +200,13 @@ def test_instantid_pose_and_controlnet_scale(cli_env, tmp_path):
     missing = fastface(cli_env, "generate", "--face", str(PORTRAIT), "--prompt", "a person", "--backbone", "tiny",
                        "--adapter", "instantid", "--pose", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "y.png"))
     assert_user_error(missing, "--pose", "no such file")
+    # A bad scale is refused before anything loads: with a load first, the missing sdxl weights
+    # (an empty hub cache, offline) would be the error instead.
+    negative = fastface(dict(cli_env, HF_HOME=str(tmp_path / "empty-hf-home")), "generate", "--face", str(PORTRAIT),
+                        "--prompt", "a person", "--backbone", "hyper-4", "--adapter", "instantid",
+                        "--controlnet-scale", "-1", "--out", str(tmp_path / "z.png"))
+    assert_user_error(negative, "controlnet_scale must be >= 0, got -1")
+    assert not (tmp_path / "z.png").exists()
 
 
 # --- outputs never replace a file; inputs that hang or overflow; a full disk ----------------------

@@ -49,6 +49,14 @@ BAD = [
     ({"negative_prompt": "\ud800"}, InputError, "negative_prompt is not valid Unicode text"),
     ({"identity_mode": "sum"}, ConfigError, "identity_mode must be one of mean, concat"),
     ({"adapter_options": {"pose": "x.jpg"}}, ConfigError, "unknown option.*faceid adapter: pose; it takes none"),
+    # adapter options' values, before any model loads
+    ({"adapter": "instantid", "adapter_options": {"controlnet_scale": -0.5}}, ConfigError,
+     "controlnet_scale must be >= 0, got -0.5"),
+    ({"adapter": "instantid", "adapter_options": {"controlnet_scale": float("nan")}}, ConfigError,
+     "controlnet_scale must be a finite number, got nan"),
+    ({"adapter": "pulid", "adapter_options": {"num_zero": -1}}, ConfigError,
+     r"num_zero must be an integer in \[0, 1024\], got -1"),
+    ({"adapter": "pulid", "adapter_options": {"ortho": "v3"}}, ConfigError, "ortho must be one of off, v1, v2, got 'v3'"),
     ({"attention": "strong"}, ConfigError, "attention must be an AttentionManipulation or None, got str"),
     ({"limits": Limits(max_steps=3)}, ConfigError, "steps must be at most 3, got 4"),
 ]

@@ -394,3 +394,21 @@ def test_full_disk_is_one_line_and_resume_completes_the_run(straight, smoke, tmp
             fastface_cli("eval", "score", "--run-dir", str(run_dir), "--metrics", "cost", "--no-progress"))
         assert json.loads((run_dir / "scores.json").read_text())["samples"]  # the old table is whole
         assert not list(disk.rglob(".tmp-*")) and not list(disk.rglob(".*.tmp*"))
+
+
+def test_run_config_carries_scheduler_cfg_scale_and_limits():
+    """Every option of `eval run` reaches the engine's configuration (none silently dropped)."""
+    from fastface.errors import ConfigError
+    from fastface.evaluation.run import Grid, RunConfig, canonical_command, resolve_run_config
+
+    config = RunConfig(backbone="tiny", adapter="pulid", method="none", scheduler="dpm++2m-trailing", cfg_scale=1.2,
+                       steps=250)
+    with pytest.raises(ConfigError, match="steps must be at most 200, got 250"):
+        resolve_run_config(config)
+    resolved = resolve_run_config(config, limits="steps=300")
+    assert resolved["steps"] == 250
+    assert resolved["backbone"].scheduler == "DPMSolverMultistepScheduler" and resolved["backbone"].cfg_scale == 1.2
+    assert (resolved["guidance"].alpha, resolved["guidance"].beta) == (1.2, 1.2)
+    command = canonical_command(config, Grid(), "DATA", "RUN")
+    assert command[command.index("--scheduler") + 1] == "dpm++2m-trailing"
+    assert command[command.index("--cfg-scale") + 1] == "1.2"

@@ -221,6 +221,23 @@ def test_second_run_hits_the_cache(astronaut, tmp_path):
     assert (other.hits, other.misses) == (0, 1)
 
 
+def test_a_cached_analysis_still_warns_about_the_other_faces(astronaut, hopper, tmp_path):
+    backend = CountingDlib()
+    scaled = np.asarray(Image.fromarray(hopper).resize((int(hopper.shape[1] * 512 / hopper.shape[0]), 512)))
+    path = tmp_path / "pair.png"
+    Image.fromarray(np.concatenate([astronaut, scaled], axis=1)).save(path)
+    cache = EmbeddingCache(tmp_path / "cache")
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"2 faces found in '.*pair.png'; using face #1"):
+            identity = build_identity(path, backend, cache=cache, progress=False)
+        assert identity.keypoints[0][:, 0].min() > 512  # Hopper, the larger face, both times
+    assert (cache.hits, cache.misses, backend.detect_calls) == (1, 1, 1)  # the second run did not detect
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a chosen index is the user's decision: no warning, cached or not
+        for _ in range(2):
+            build_identity(path, backend, select=1, cache=cache, progress=False)
+
+
 def test_load_embedding_npy_and_safetensors(tmp_path):
     from safetensors.numpy import save_file
 

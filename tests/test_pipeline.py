@@ -352,7 +352,8 @@ def test_pil_output_and_metadata(faceid, embedding):
     assert meta["guidance"]["rescale"] == 0.75 and meta["steps"] == 4
     assert [s["alpha"] for s in meta["schedule"]] == [1.0, 1.5, 1.5, 1.0]
     assert meta["identity"]["dim"] == 128 and meta["identity"]["num_tokens"] == 4
-    assert set(meta["timings_ms"]) == {"identity", "prompt", "setup", "denoise", "decode", "total"}
+    assert set(meta["timings_ms"]) == {"identity", "prompt", "setup", "identity_kv", "denoise", "decode", "total"}
+    assert meta["timings_ms"]["setup"] >= meta["timings_ms"]["identity_kv"] > 0  # a part of the set-up stage
     assert meta["timings_ms"]["total"] >= meta["timings_ms"]["denoise"] > 0
     assert {"fastface", "torch", "diffusers", "transformers", "peft"} <= set(meta["versions"])
     assert set(meta["licence"]) == {"backbone", "adapter", "face_model"}

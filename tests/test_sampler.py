@@ -40,8 +40,8 @@ def test_tiny_folder_runs_with_the_hyper_sd_scheduler_via_sampler(tmp_path):
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
         hopper = np.asarray(Image.open(fh).convert("RGB").resize((512, 512)))
     photo = np.concatenate([astronaut, hopper], axis=1)
-    # A corner pixel unique to this run: a cached analysis of the same photo (the embedding cache) would
-    # skip face detection and with it the several-faces warning checked below.
+    # A corner pixel unique to this run, so that this run detects the faces itself (the embedding
+    # cache's replay of the several-faces warning is tested in test_faces_analysis).
     photo[0, 0] = np.frombuffer(os.urandom(3), np.uint8)
     Image.fromarray(photo).save(tmp_path / "two.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -71,12 +71,3 @@ def test_sampler_without_a_checkpoint_is_one_line_in_flags(tmp_path):
     assert proc.stderr.startswith("error: --sampler lightning-4 samples a checkpoint that has the distillation "
                                   "baked in; give it with --base-model <.safetensors file or diffusers folder>")
     assert "--backbone lightning-4" in proc.stderr and proc.stderr.count("\n") == 1
-
-
-def test_eval_run_refuses_a_sampler_instead_of_ignoring_it(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "fastface.cli", "eval", "run", "--dataset", "d", "--run-dir", "r",
-                           "--sampler", "lightning-4"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --sampler is not supported by `eval run` yet")
-    assert not (tmp_path / "r").exists()

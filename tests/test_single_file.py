@@ -51,6 +51,28 @@ def test_single_file_with_a_sampler_from_the_cli(single_file, tmp_path):
     assert meta["backbone_config"]["scheduler"] == "EulerDiscreteScheduler"
 
 
+def test_eval_run_samples_a_single_file_like_a_backbone(single_file, tmp_path):
+    """`eval run --sampler` runs, and the manifest holds it: its command repeats it, a resume without it is refused."""
+    from fastface.evaluation.dataset import write_smoke_dataset
+
+    smoke = write_smoke_dataset(tmp_path / "smoke").root
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, "-m", "fastface.cli", "eval", "run", "--dataset", str(smoke), "--run-dir", "run",
+              "--backbone", "tiny", "--base-model", str(single_file), "--split", "realistic", "--limit", "1",
+              "--no-progress"]
+    proc = subprocess.run([*common, "--sampler", "lightning-4"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["sampler"] == "lightning-4"
+    assert "--sampler lightning-4" in manifest["canonical_command"]
+    records = sorted((tmp_path / "run" / "records").glob("*.json"))
+    assert len(records) == 2  # one realistic prompt x 2 identities
+    again = subprocess.run(common, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.startswith("error: refusing to resume") and "--sampler is None here but 'lightning-4'" in again.stderr
+
+
 def test_shipped_configs_describe_the_real_sdxl_layout(tmp_path):
     from accelerate import init_empty_weights
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel

@@ -372,9 +372,7 @@ class GenerationConfig:
         if self.adapter_options:
             if adapter is None:
                 raise ConfigError("adapter_options given, but no adapter is used")
-            from .adapters.base import check_options
-
-            check_options(adapter.name, dict(self.adapter_options), tuple(adapter.options))
+            adapter.check_options(dict(self.adapter_options))
         for path, weight in self.loras:
             check_number(weight, f"weight of LoRA {path!r}")
 

@@ -288,7 +288,7 @@ class FastFacePipeline(LoadingMixin, PlacementMixin, CompileMixin, MemoryOptions
             embeds = self._prompt_embeds(prompt, negative_prompt, prompt_embeds)
             clock.mark("setup")
             # 4. sampling set-up: LoRAs, scheduler, noise, every step's UNet inputs
-            run = _set_up(self, request, embeds, num_images_per_prompt, conditioning, seeds)
+            run = _set_up(self, request, embeds, num_images_per_prompt, conditioning, seeds, clock)
             clock.mark("loop")
             # 5. denoising loop
             latents = sampling.denoise(
@@ -306,6 +306,7 @@ class FastFacePipeline(LoadingMixin, PlacementMixin, CompileMixin, MemoryOptions
             # 7. describe
             timings = clock.durations_ms({
                 "identity": ("identity", "prompt"), "prompt": ("prompt", "setup"), "setup": ("setup", "loop"),
+                "identity_kv": ("identity_kv", "identity_kv_end"),  # device work inside "setup"
                 "denoise": ("loop", "decode"),
                 "decode": ("decode", "end"), "total": ("start", "end"),
             })
@@ -414,7 +415,7 @@ def _check_request(
 
 def _set_up(
     pipe: FastFacePipeline, request: _Request, embeds: PromptEmbeds, per_prompt: int,
-    conditioning: IdentityConditioning | None, seeds: list[int],
+    conditioning: IdentityConditioning | None, seeds: list[int], clock: StageClock,
 ) -> _Run:
     device, dtype = pipe.device, pipe.dtype
     pipe._loras.apply(pipe._adapter_lora, request.lora_scale)
@@ -438,6 +439,7 @@ def _set_up(
         null_identity=None if conditioning is None else conditioning.null.to(device, dtype),
     )
     contexts = None
+    clock.mark("identity_kv")
     if pipe._ip_processors and conditioning is not None:
         # What is fixed for the whole call (identity K/V per token stack, tensor scales, fused parts),
         # built once; under CPU offload the K/V weights reach the GPU only inside the UNet's forward.
@@ -446,6 +448,8 @@ def _set_up(
             am_kernel=pipe._am_kernel, device=device, project=pipe._offload_device is None,
             tokens_per_photo=pipe.adapter.tokens_per_photo,
         )
+        contexts.project_stacks([step.identity_tokens for step in inputs if step.identity_tokens is not None])
+    clock.mark("identity_kv_end")
     attention_kwargs = [_attention_kwargs(pipe, step, request, conditioning, contexts) for step in inputs]
     run = _Run(
         scheduler, latents, timesteps, timesteps_host, inputs, attention_kwargs,

@@ -9,7 +9,7 @@ per-call state and a call that fails midway leaves nothing behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,6 +364,33 @@ class CallContexts:
             # The tensor is kept with its projections: its id cannot be reused while cached.
             self._projected[key] = (tokens, kv)
         return self._projected[key][1]
+
+    def project_stacks(self, stacks: Sequence[torch.Tensor]) -> None:
+        """Project every layer's identity K/V for all distinct token ``stacks`` of the call at once.
+
+        One ``to_k_ip`` and one ``to_v_ip`` call per layer on the stacks joined along the batch:
+        each projection weight is read once per call, not once per stack. The projections are
+        bound by those reads (140 matrices in SDXL, 0.7 GB in bf16), so this halves their cost
+        for ``fastface``'s two stacks. Stacks are joined with those of the same token shape.
+        """
+        if not self.project:
+            return
+        groups: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}
+        for tokens in stacks:
+            if id(tokens) not in self._projected:
+                groups.setdefault(tuple(tokens.shape[1:]), {})[id(tokens)] = tokens
+        for group in groups.values():
+            new = list(group.values())
+            sizes = [int(t.shape[0]) for t in new]
+            joined = torch.cat(new) if len(new) > 1 else new[0]
+            with torch.no_grad():
+                parts = {
+                    name: (p.to_k_ip[0](joined).split(sizes), p.to_v_ip[0](joined).split(sizes))
+                    for name, p in self.processors.items()
+                }
+            for i, tokens in enumerate(new):
+                # The tensor is kept with its projections: its id cannot be reused while cached.
+                self._projected[id(tokens)] = (tokens, {name: (k[i], v[i]) for name, (k, v) in parts.items()})
 
     def context(self, tokens: torch.Tensor, step: int) -> IPContext:
         """The context of the UNet call at loop index ``step`` with identity ``tokens`` (B, S, C)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -76,8 +76,10 @@ class AdapterSpec:
     description: str = ""
     presets_tuned: bool = True  # False: the method presets were tuned on another adapter
     extra_files: tuple[RequiredFile, ...] = ()  # beyond the checkpoint and the image encoder
-    # Per-call options the adapter's encode() accepts, with their defaults (checked before loading).
+    # Per-call options the adapter's encode() accepts, with their defaults, and a check of their
+    # values (raises ConfigError; None: any value): both run before any model loads.
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    option_values: Callable[[Mapping[str, Any]], None] | None = None
 
     def adapter_class(self) -> type[IdentityAdapter]:
         module_name, _, class_name = self.implementation.partition(":")
@@ -86,6 +88,12 @@ class AdapterSpec:
         if not (isinstance(cls, type) and issubclass(cls, IdentityAdapter)):
             raise TypeError(f"{self.implementation} is not an IdentityAdapter")
         return cls
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse unknown per-call options and out-of-range values, before anything loads."""
+        check_options(self.name, options, tuple(self.options))
+        if self.option_values is not None:
+            self.option_values(options)
 
     def required_files(self) -> list[RequiredFile]:
         """Every file the adapter needs (checkpoint, image encoder, extras), hub names."""

@@ -34,7 +34,6 @@ from .base import (
     IdentityAdapter,
     IdentityConditioning,
     check_mode,
-    check_options,
     checkpoint_path,
     identity_info,
     image_encoder_path,
@@ -172,7 +171,7 @@ class FaceIDAdapter(IdentityAdapter):
         """
         import torch
 
-        check_options(self.spec.name, options)
+        self.spec.check_options(options)
         check_mode(mode)
         self.check_identity(identity)
         param = next(self.projection.parameters())

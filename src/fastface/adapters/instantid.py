@@ -23,7 +23,7 @@ Pose control: the keypoints may come from another photo than the identity (``pos
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -40,7 +40,6 @@ from .base import (
     RequiredFile,
     UNetCall,
     check_mode,
-    check_options,
     checkpoint_path,
     identity_info,
     read_ip_adapter_checkpoint,
@@ -57,6 +56,19 @@ if TYPE_CHECKING:  # pragma: no cover
 INSTANTID_REPO = "InstantX/InstantID"
 CONTROLNET_SUBFOLDER = "ControlNetModel"
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def check_controlnet_scale(scale: Any) -> float:
+    """The IdentityNet's residual scale: a finite number >= 0 (None: the preset's default)."""
+    from ..config import check_number
+    from ..presets import DEFAULT_CONTROLNET_SCALE
+
+    return check_number(DEFAULT_CONTROLNET_SCALE if scale is None else scale, "controlnet_scale", minimum=0.0)
+
+
+def check_instantid_options(options: Mapping[str, Any]) -> None:
+    check_controlnet_scale(options.get("controlnet_scale"))
+
 
 SPECS = (
     AdapterSpec(
@@ -82,6 +94,7 @@ SPECS = (
         # per-call options: the IdentityNet's residual scale (None: presets.DEFAULT_CONTROLNET_SCALE),
         # and keypoints from another photo
         options=MappingProxyType({"controlnet_scale": None, "pose": None}),
+        option_values=check_instantid_options,
     ),
 )
 
@@ -147,15 +160,12 @@ class InstantIDAdapter(IdentityAdapter):
         """
         import torch
 
-        from ..config import check_number
         from ..keypoint_image import draw_keypoints
-        from ..presets import DEFAULT_CONTROLNET_SCALE
 
         check_mode(mode)
-        check_options(self.spec.name, options, tuple(self.spec.options))
+        self.spec.check_options(options)
         self.check_identity(identity)
-        scale = options.get("controlnet_scale")
-        scale = check_number(DEFAULT_CONTROLNET_SCALE if scale is None else scale, "controlnet_scale", minimum=0.0)
+        scale = check_controlnet_scale(options.get("controlnet_scale"))
         pose = options.get("pose")
         if identity.raw_embeddings is None:
             raise InputError(

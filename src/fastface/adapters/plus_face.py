@@ -26,7 +26,6 @@ from .base import (
     IdentityAdapter,
     IdentityConditioning,
     check_mode,
-    check_options,
     checkpoint_path,
     identity_info,
     image_encoder_path,
@@ -109,7 +108,7 @@ class PlusFaceAdapter(IdentityAdapter):
         import torch
 
         check_mode(mode)
-        check_options(self.spec.name, options)
+        self.spec.check_options(options)
         self.check_identity(identity)
         device = next(self.projection.parameters()).device
         with torch.no_grad():

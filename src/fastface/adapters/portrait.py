@@ -30,7 +30,6 @@ from .base import (
     IdentityAdapter,
     IdentityConditioning,
     check_mode,
-    check_options,
     checkpoint_path,
     identity_info,
     read_ip_adapter_checkpoint,
@@ -120,7 +119,7 @@ class PortraitAdapter(IdentityAdapter):
         import torch
 
         check_mode(mode)
-        check_options(self.spec.name, options)
+        self.spec.check_options(options)
         self.check_identity(identity)
         if self.variant == "unnorm":
             if identity.raw_embeddings is None:

@@ -58,7 +58,6 @@ from .base import (
     IdentityConditioning,
     RequiredFile,
     check_mode,
-    check_options,
     identity_info,
     tiny_variant,
 )
@@ -90,12 +89,22 @@ _EXTRA_FILES = (
 )
 
 
+def check_pulid_options(options: Mapping[str, Any]) -> None:
+    """``num_zero``: an integer in [0, 1024]; ``ortho``: one of :data:`ORTHO_MODES`."""
+    if "num_zero" in options:
+        num_zero = options["num_zero"]
+        if isinstance(num_zero, bool) or not isinstance(num_zero, int) or not 0 <= num_zero <= 1024:
+            raise ConfigError(f"num_zero must be an integer in [0, 1024], got {num_zero!r}")
+    if "ortho" in options and options["ortho"] not in ORTHO_MODES:
+        raise ConfigError(f"ortho must be one of {', '.join(ORTHO_MODES)}, got {options['ortho']!r}")
+
+
 def _spec(name: str, weight: str, kind: str, tokens: int, num_zero: int, ortho: str, description: str) -> AdapterSpec:
     return AdapterSpec(
         name=name, repo=PULID_REPO, weight_name=weight, kind=kind, embedding_dim=512, face_backend="antelopev2",
         licence=_LICENCES, implementation=_IMPLEMENTATION, num_tokens=tokens, description=description,
         presets_tuned=False, extra_files=_EXTRA_FILES,
-        options=MappingProxyType({"num_zero": num_zero, "ortho": ortho}),
+        options=MappingProxyType({"num_zero": num_zero, "ortho": ortho}), option_values=check_pulid_options,
     )
 
 
@@ -416,13 +425,9 @@ class PuLIDAdapter(IdentityAdapter):
         from ..models.pulid_face import eva_pixels
 
         check_mode(mode)
-        check_options(self.spec.name, options, tuple(self.spec.options))
+        self.spec.check_options(options)
         settings = {**self.spec.options, **options}
         num_zero, ortho = settings["num_zero"], settings["ortho"]
-        if isinstance(num_zero, bool) or not isinstance(num_zero, int) or not 0 <= num_zero <= 1024:
-            raise ConfigError(f"num_zero must be an integer in [0, 1024], got {num_zero!r}")
-        if ortho not in ORTHO_MODES:
-            raise ConfigError(f"ortho must be one of {', '.join(ORTHO_MODES)}, got {ortho!r}")
         self.check_identity(identity)
         device = next(self.encoder.parameters()).device
         faces = self._aligned_faces(identity)

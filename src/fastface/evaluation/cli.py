@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,20 +108,19 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import Grid, RunConfig, run_grid
 
-    if getattr(args, "sampler", None):  # never silently ignored: a run's manifest must say how it sampled
-        raise ConfigError("--sampler is not supported by `eval run` yet; evaluate a registered backbone "
-                          "(--backbone NAME), or generate with `fastface generate --sampler`")
     config = RunConfig(
         backbone=args.backbone, adapter=None if args.no_identity else args.adapter, method=args.method,
         steps=args.steps, height=args.height, width=args.width, ip_scale=args.ip_scale, lora_scale=args.lora_scale,
         alpha=args.alpha, beta=args.beta, rescale=args.rescale, rescale_on=args.rescale_on,
         face_backend=args.face_backend, base_model=args.base_model, adapter_path=args.adapter_path,
-        image_encoder=args.image_encoder, controlnet_scale=args.controlnet_scale, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
+        image_encoder=args.image_encoder, controlnet_scale=args.controlnet_scale, sampler=args.sampler,
+        scheduler=args.scheduler, cfg_scale=args.cfg_scale, lora=tuple(args.lora), dtype=args.dtype, vae=args.vae,
         vae_tiling=args.vae_tiling, negative_prompt=args.negative_prompt, reference_photos=args.reference_photos, batch_size=args.batch_size)
     grid = Grid(seeds=args.seeds, split=args.split, limit=args.limit)
     summary = run_grid(config, args.dataset, args.run_dir, grid, device=args.device,
                        command=["fastface", *sys.argv[1:]], progress=not args.no_progress,
-                       cpu_offload=args.cpu_offload, compile=bool(getattr(args, "compile", False)))
+                       cpu_offload=args.cpu_offload, compile=bool(getattr(args, "compile", False)),
+                       limits=args.limits)
     where = "" if summary.world == 1 else f" (rank {summary.rank} of {summary.world}: {summary.assigned} samples)"
     if summary.repaired:
         from .run import damaged_line

@@ -47,8 +47,9 @@ class RunConfig:
     """Everything that decides the pixels of a run; resuming with any field changed is refused.
 
     The fields mirror the options of ``fastface generate`` (``commands.add_generation_options``);
-    the device and ``--cpu-offload`` are not part of it (they move weights, not pixels: a run may
-    change GPU or start offloading), but each record names them. ``vae``/``vae_tiling`` are: they
+    the device, ``--cpu-offload``, ``--compile`` and ``--limits`` are not part of it (they move
+    weights or raise bounds, not pixels: a run may change GPU or start offloading), but each record
+    names the device. ``vae``/``vae_tiling`` are: they
     change the decoded pixels.
     """
 
@@ -69,6 +70,9 @@ class RunConfig:
     adapter_path: str | None = None
     image_encoder: str | None = None
     controlnet_scale: float | None = None  # instantid (None: the adapter's default)
+    sampler: str | None = None  # sample --base-model like this backbone (generate --sampler)
+    scheduler: str | None = None  # another scheduler (PuLID's recipes)
+    cfg_scale: float | None = None  # the backbone's stock CFG scale
     lora: tuple[str, ...] = ()
     dtype: str = "auto"
     vae: str | None = None
@@ -101,10 +105,11 @@ class RunConfig:
         data["lora"] = list(self.lora)
         return data
 
-    def generation_config(self, device: str = "auto", cpu_offload: bool = False, compile: bool = False) -> Any:
+    def generation_config(self, device: str = "auto", cpu_offload: bool = False, compile: bool = False,
+                          limits: str | None = None) -> Any:
         """The :class:`~fastface.config.GenerationConfig` of this run (prompts and seeds come per batch)."""
         from ..commands import parse_lora
-        from ..config import GenerationConfig
+        from ..config import GenerationConfig, Limits
 
         return GenerationConfig(
             negative_prompt=self.negative_prompt, backbone=self.backbone, adapter=self.adapter,
@@ -115,6 +120,8 @@ class RunConfig:
             loras=tuple(parse_lora(item) for item in self.lora), device=device, dtype=self.dtype, vae=self.vae,
             vae_tiling=self.vae_tiling, cpu_offload=cpu_offload, compile=compile,
             adapter_options={} if self.controlnet_scale is None else {"controlnet_scale": self.controlnet_scale},
+            sampler=self.sampler, scheduler=self.scheduler, cfg_scale=self.cfg_scale,
+            limits=Limits.parse(limits) if limits else Limits(),
         )
 
     @staticmethod
@@ -303,7 +310,8 @@ def canonical_command(config: RunConfig, grid: Grid, dataset_dir: str, run_dir: 
     cmd += ["--backbone", config.backbone, "--method", config.method]
     cmd += ["--no-identity"] if config.adapter is None else ["--adapter", config.adapter]
     for name in ("steps", "height", "width", "ip_scale", "lora_scale", "alpha", "beta", "rescale", "rescale_on",
-                 "face_backend", "base_model", "adapter_path", "image_encoder", "controlnet_scale", "dtype", "vae",
+                 "face_backend", "base_model", "sampler", "scheduler", "cfg_scale", "adapter_path", "image_encoder",
+                 "controlnet_scale", "dtype", "vae",
                  "negative_prompt",
                  "reference_photos", "batch_size"):
         value = getattr(config, name)
@@ -577,9 +585,9 @@ class _PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
-def resolve_run_config(config: RunConfig) -> dict[str, Any]:
+def resolve_run_config(config: RunConfig, limits: str | None = None) -> dict[str, Any]:
     """The engine's own check of every name and number (no model loads), plus the face backend."""
-    return config.generation_config().validate().as_dict()
+    return config.generation_config(limits=limits).validate().as_dict()
 
 
 def _device_for_rank(device: str | None) -> str:
@@ -596,8 +604,11 @@ def _device_for_rank(device: str | None) -> str:
 
 def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, grid: Grid | None = None, *,
              device: str | None = None, command: Sequence[str] | None = None, progress: bool = True,
-             manifest_timeout_s: float = 600.0, cpu_offload: bool = False, compile: bool = False) -> RunSummary:
+             manifest_timeout_s: float = 600.0, cpu_offload: bool = False, compile: bool = False,
+             limits: str | None = None) -> RunSummary:
     """Generate the missing samples of this process's share of the grid into ``run_dir``.
+
+    ``limits`` raises the configuration's upper bounds (``--limits``, e.g. ``"steps=500"``).
 
     Samples counted as done are verified first (record, image, sha256); damaged ones are regenerated
     and listed in ``RunSummary.repaired``. The folder is locked against other commands meanwhile.
@@ -609,7 +620,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
     if dataset.issues:
         raise InputError(f"dataset {dataset.root} is not valid: " + "; ".join(dataset.issues)
                          + " (see `fastface eval dataset check`)")
-    resolved = resolve_run_config(config)
+    resolved = resolve_run_config(config, limits)
     fingerprint = dataset.fingerprint()
     rank, world = distributed_rank()
     units = work_units(dataset, grid, config.batch_size)
@@ -630,7 +641,7 @@ def run_grid(config: RunConfig, dataset_dir: str | Path, run_dir: str | Path, gr
             check_compatible(previous, config, fingerprint, run_dir)
         return _run_locked(config, dataset, resolved, fingerprint, grid, units, n_total, everyone, command, run_dir,
                            previous, rank, world, device, progress, manifest_timeout_s, cpu_offload, started,
-                           compile)
+                           compile, limits)
     finally:
         lock.release()
 
@@ -662,7 +673,8 @@ def _verified_done(run_dir: Path, samples: list[Sample]) -> tuple[set[str], dict
 def _run_locked(config: RunConfig, dataset: Dataset, resolved: dict, fingerprint: str, grid: Grid,
                 units: list[list[Sample]], n_total: int, everyone: set[str], command: list[str], run_dir: Path,
                 previous: dict | None, rank: int, world: int, device: str | None, progress: bool,
-                manifest_timeout_s: float, cpu_offload: bool, started: float, compile: bool = False) -> RunSummary:
+                manifest_timeout_s: float, cpu_offload: bool, started: float, compile: bool = False,
+                limits: str | None = None) -> RunSummary:
     from tqdm.auto import tqdm
 
     if rank == 0:
@@ -698,7 +710,7 @@ def _run_locked(config: RunConfig, dataset: Dataset, resolved: dict, fingerprint
             conditioning, _ = dataset.identity(ident).split_photos(config.reference_photos)
             identities[ident] = commands.load_identity([str(p) for p in conditioning], resolved["face_backend"],
                                                        _adapter_spec(config))
-    generation = config.generation_config(_device_for_rank(device), cpu_offload, compile)
+    generation = config.generation_config(_device_for_rank(device), cpu_offload, compile, limits)
     pipe = commands.load_pipeline(generation)
     gen_device = getattr(pipe, "device", "cpu")
     memory = _PeakMemory(gen_device)

@@ -2,7 +2,7 @@
 
 An entry is keyed by the sha256 of the image (its file bytes, or its decoded pixels for in-memory
 images), the backend name, its model and configuration, and the face selection. It holds the
-embedding (and its raw norm, where the backend has one), bbox, score, keypoints and landmarks as an ``.npz`` written atomically (temporary file
+embedding (and its raw norm, where the backend has one), the face's index among the photo's faces, bbox, score, keypoints and landmarks as an ``.npz`` written atomically (temporary file
 in the same folder, then ``os.replace``), so concurrent runs never read half-written entries.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from .types import Face
 
-CACHE_VERSION = "2"  # 2: entries keep the raw embedding's norm
+CACHE_VERSION = "3"  # 2: entries keep the raw embedding's norm; 3: and how many faces the photo had
 
 
 def default_root() -> Path:
@@ -67,6 +67,8 @@ class EmbeddingCache:
                             embedding=data["embedding"].astype(np.float32))
                 norm = float(data["embedding_norm"])
                 face.embedding_norm = None if np.isnan(norm) else norm
+                index, count = (int(v) for v in data["selection"])
+                face.selection = (index, count) if count > 0 else None
         except (OSError, KeyError, ValueError):
             # Missing, or unreadable (another version, a disk error): recompute rather than fail.
             self.misses += 1
@@ -85,7 +87,8 @@ class EmbeddingCache:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, embedding=face.embedding, bbox=face.bbox, score=np.float32(face.score),
                          keypoints=face.keypoints, landmarks=landmarks,
-                         embedding_norm=np.float64(np.nan if face.embedding_norm is None else face.embedding_norm))
+                         embedding_norm=np.float64(np.nan if face.embedding_norm is None else face.embedding_norm),
+                         selection=np.asarray(face.selection or (0, 0), dtype=np.int64))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -98,10 +98,14 @@ def choose_face(faces: Sequence[Face], select: str | int, name: str) -> tuple[in
     else:
         raise ConfigError(f"select must be 'largest', 'confidence' or a face index, got {select!r}")
     if len(faces) > 1:
-        warnings.warn(f"{len(faces)} faces found in {name}; using face #{index} (the {select} one, "
-                      "faces numbered left to right); pass select=<index> to choose another",
-                      UserWarning, stacklevel=3)
+        warn_several_faces(len(faces), index, select, name)
     return index, faces[index]
+
+
+def warn_several_faces(count: int, index: int, select: str, name: str) -> None:
+    warnings.warn(f"{count} faces found in {name}; using face #{index} (the {select} one, "
+                  "faces numbered left to right); pass select=<index> to choose another",
+                  UserWarning, stacklevel=4)
 
 
 def analyze(image: ImageSource, backend: str | FaceBackend = "dlib", select: str | int = "largest") -> Face:
@@ -133,7 +137,8 @@ def _analyze_array(img: np.ndarray, be: FaceBackend, select: str | int, name: st
     faces = detect_faces(img, be)
     if not faces:
         raise NoFaceError(f"no face found in {name}")
-    _, face = choose_face(faces, select, name)
+    index, face = choose_face(faces, select, name)
+    face.selection = (index, len(faces))
     embed_raw = getattr(be, "embed_raw", None)
     if embed_raw is None:
         face.embedding = np.asarray(be.embed(img, face), dtype=np.float32)
@@ -214,6 +219,8 @@ def build_identity(sources: ImageSource | Iterable[ImageSource], backend: str | 
         if store is not None:
             key = store.key(_raw_digest(src, img), be.name, be.model_id, select, getattr(be, "config_id", ""))
             face = store.get(key)
+            if face is not None and face.selection is not None and face.selection[1] > 1 and isinstance(select, str):
+                warn_several_faces(face.selection[1], face.selection[0], select, name)
         if face is None:
             face = _analyze_array(img, be, select, name)
             if store is not None:

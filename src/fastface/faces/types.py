@@ -26,6 +26,9 @@ class Face:
     # L2 norm of the recogniser's raw output, where the backend exposes it (InsightFace's
     # ``face.embedding`` = ``embedding * embedding_norm``; InstantID's Resampler reads that raw vector).
     embedding_norm: float | None = None
+    # (this face's index, number of faces) in the photo it was chosen from, faces numbered left to
+    # right; kept by the embedding cache so that a cached analysis still warns about the others.
+    selection: tuple[int, int] | None = None
 
     @property
     def raw_embedding(self) -> np.ndarray | None:
