@@ -193,3 +193,28 @@ def test_url_hosted_adapter_files_lie_beside_the_cached_checkpoint(tmp_path):
     (snapshot / PARSING_FILE).write_bytes(b"y")  # where `fastface download pulid` puts it
     beside = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert beside.stdout.strip().endswith(f"snapshots/{'0' * 40}/{PARSING_FILE}"), beside.stderr
+
+
+def test_files_beside_a_local_checkpoint_are_not_needed_from_the_hub(tmp_path):
+    """PuLID's EVA02-CLIP and InstantID's IdentityNet are read from beside a local checkpoint:
+    lying there, the offline check does not ask for them (it did, and refused a working folder)."""
+    from fastface.adapters.instantid import CONTROLNET_SUBFOLDER
+    from fastface.adapters.pulid import EVA_CLIP_FILE
+
+    folder = tmp_path / "pulid"
+    folder.mkdir()
+    (folder / "pulid_v1.bin").write_bytes(b"x")
+    roles = lambda combination: [i.role for i in required_files(combination)]  # noqa: E731
+    assert "pulid image encoder" in roles(Combination(None, "pulid", adapter_path=str(folder)))
+    (folder / EVA_CLIP_FILE).write_bytes(b"y")
+    for given in (folder, folder / "pulid_v1.bin"):  # the folder, or the checkpoint file in it
+        assert "pulid image encoder" not in roles(Combination(None, "pulid", adapter_path=str(given)))
+    assert "pulid image encoder" in roles(Combination(None, "pulid"))  # the hub's checkpoint: from the hub
+
+    instantid = tmp_path / "instantid"
+    (instantid / CONTROLNET_SUBFOLDER).mkdir(parents=True)
+    (instantid / "ip-adapter.bin").write_bytes(b"x")
+    assert "instantid controlnet" in roles(Combination(None, "instantid", adapter_path=str(instantid / "ip-adapter.bin")))
+    (instantid / CONTROLNET_SUBFOLDER / "config.json").write_text("{}")
+    assert "instantid controlnet" not in roles(Combination(None, "instantid",
+                                                           adapter_path=str(instantid / "ip-adapter.bin")))

@@ -171,6 +171,8 @@ def _adapter_files(adapter: Any, combination: Combination) -> list[RequiredFile]
             role = "adapter" if need.role == "checkpoint" else need.role
             if (role == "adapter" and combination.adapter_path) or (role == "image encoder" and combination.image_encoder):
                 continue  # replaced by a local path
+            if _beside_local_checkpoint(need, combination.adapter_path):
+                continue  # the adapter reads it from beside the local checkpoint
             names = [need.filename] if need.filename else list(getattr(need, "patterns", ()) or ())
             beside = None
             if need.repo.startswith(("https://", "http://")):
@@ -187,6 +189,16 @@ def _adapter_files(adapter: Any, combination: Combination) -> list[RequiredFile]
         items += [RequiredFile(encoder, name, None, f"{adapter.name} image encoder")
                   for name in ("config.json", "preprocessor_config.json", "model.safetensors")]
     return items
+
+
+def _beside_local_checkpoint(need: Any, adapter_path: str | None) -> bool:
+    """Whether a file the adapter also finds beside a local checkpoint (``local_name``) lies there."""
+    local_name = getattr(need, "local_name", None)
+    if not adapter_path or not local_name:
+        return False
+    path = Path(adapter_path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    return (folder / local_name).is_file()
 
 
 def scoring_files() -> list[RequiredFile]:

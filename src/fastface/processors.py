@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -124,11 +125,76 @@ def part_of(name: str) -> str:
     raise ValueError(f"attention layer {name!r} is in no UNet part")
 
 
+# One identity branch: (text attention output (B, L, h·d), query (B, h, L, d), B, d) -> the output
+# with the branch added, before the output projection.
+Branch = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def cross_attention(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+    branch: Branch | None = None,
+) -> torch.Tensor:
+    """diffusers' scaled-dot-product attention of ``attn``, with an identity ``branch`` added to its output.
+
+    The text attention, output projection and residual are computed as diffusers 0.42.1
+    ``AttnProcessor2_0`` (and the IP-Adapter processors built on it) compute them; ``branch``
+    (None: plain attention) adds the identity attention before the output projection. The
+    FastFace IP-Adapter processor and PuLID's processor differ only in their branch.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    )
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    hidden_states = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+    )
+    hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    hidden_states = hidden_states.to(query.dtype)
+    if branch is not None:
+        hidden_states = branch(hidden_states, query, batch_size, head_dim)
+
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor with the identity branch driven by an :class:`IPContext`.
 
-    ``__call__`` is adapted from diffusers 0.42.1 ``IPAdapterAttnProcessor2_0.__call__`` (text
-    branch and output path unchanged; the identity branch replaced).
+    ``__call__`` is diffusers 0.42.1 ``IPAdapterAttnProcessor2_0.__call__`` (text branch and
+    output path unchanged, in :func:`cross_attention`) with the identity branch replaced.
 
     Shares the ``to_k_ip``/``to_v_ip`` modules of the processor it replaces (no copy). Without a
     context (the UNet called outside FastFace) the identity branch is off: text-only attention.
@@ -156,65 +222,24 @@ class FastFaceIPAttnProcessor(IPAdapterAttnProcessor2_0):
         temb: torch.Tensor | None = None,
         ip_hidden_states: IPContext | None = None,
     ) -> torch.Tensor:
-        residual = hidden_states
         if isinstance(encoder_hidden_states, tuple):  # diffusers' (text, image) form: text only
             encoder_hidden_states = encoder_hidden_states[0]
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
         context = ip_hidden_states
+        branch = None
         # With tensor values, λ is never read as a float (no guard, no host check): λ = 0 adds 0.
         if context is not None and (context.values is not None or context.scale != 0):
-            hidden_states = self._add_identity(attn, hidden_states, query, context, batch_size, head_dim)
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            branch = partial(self._add_identity, attn, context=context)
+        return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, branch)
 
     def _add_identity(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
         query: torch.Tensor,
-        context: IPContext,
         batch_size: int,
         head_dim: int,
+        *,
+        context: IPContext,
     ) -> torch.Tensor:
         """hidden + λ · Attn(Q, K_ip, V_ip), with AM where the context's configuration targets this part and step."""
         scale = context.scale if context.values is None else context.values["scale"]

@@ -52,6 +52,9 @@ class RequiredFile:
     filename: str | None
     role: str  # "checkpoint", "image encoder", "controlnet", "face model", ...
     patterns: tuple[str, ...] = ()  # files of a folder download
+    # Where the adapter also finds it beside a local checkpoint (relative to the checkpoint's
+    # folder; None: only from ``repo``): such a file is not needed from the hub when it lies there.
+    local_name: str | None = None
 
 
 @dataclass(frozen=True)

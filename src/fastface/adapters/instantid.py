@@ -89,7 +89,8 @@ SPECS = (
         presets_tuned=False,
         extra_files=(
             RequiredFile(INSTANTID_REPO, CONTROLNET_SUBFOLDER, "controlnet",
-                         tuple(f"{CONTROLNET_SUBFOLDER}/{f}" for f in CONTROLNET_FILES)),
+                         tuple(f"{CONTROLNET_SUBFOLDER}/{f}" for f in CONTROLNET_FILES),
+                         local_name=f"{CONTROLNET_SUBFOLDER}/config.json"),
         ),
         # per-call options: the IdentityNet's residual scale (None: presets.DEFAULT_CONTROLNET_SCALE),
         # and keypoints from another photo

@@ -84,7 +84,7 @@ _LICENCES = (
     "BiSeNet face parsing weights (facexlib): MIT",
 )
 _EXTRA_FILES = (
-    RequiredFile(EVA_CLIP_REPO, EVA_CLIP_FILE, "image encoder"),
+    RequiredFile(EVA_CLIP_REPO, EVA_CLIP_FILE, "image encoder", local_name=EVA_CLIP_FILE),
     RequiredFile(PARSING_RELEASE, PARSING_FILE, "face parsing"),
 )
 
@@ -138,17 +138,19 @@ class PuLIDContext:
 
 def pulid_processor_class():
     """The attn2 processor class (built on first use: this module imports no torch at import time)."""
-    import torch.nn.functional as F
+    from functools import partial
+
     from torch import nn
 
     from ..models.pulid_attention import add_identity, identity_attention, ortho_v2_mass, pad_tokens
+    from ..processors import cross_attention
 
     class PuLIDAttnProcessor(nn.Module):
         """diffusers' scaled-dot-product cross-attention plus PuLID's identity attention.
 
         The text attention, output projection and residual are computed as diffusers'
-        ``AttnProcessor2_0`` (and PuLID's ``IDAttnProcessor2_0``) do. Without a context (the UNet called
-        outside FastFace) it is plain cross-attention.
+        ``AttnProcessor2_0`` (and PuLID's ``IDAttnProcessor2_0``) do (:func:`fastface.processors.cross_attention`).
+        Without a context (the UNet called outside FastFace) it is plain cross-attention.
         """
 
         def __init__(self, hidden_size: int, cross_attention_dim: int, part: str) -> None:
@@ -160,60 +162,28 @@ def pulid_processor_class():
         def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                      attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                      ip_hidden_states: PuLIDContext | None = None) -> torch.Tensor:
-            residual = hidden_states
-            if attn.spatial_norm is not None:
-                hidden_states = attn.spatial_norm(hidden_states, temb)
-            input_ndim = hidden_states.ndim
-            if input_ndim == 4:
-                batch_size, channel, height, width = hidden_states.shape
-                hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-            batch_size, sequence_length, _ = (
-                hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-            )
-            if attention_mask is not None:
-                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-            if attn.group_norm is not None:
-                hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-            query = attn.to_q(hidden_states)
-            if encoder_hidden_states is None:
-                encoder_hidden_states = hidden_states
-            elif attn.norm_cross:
-                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            key = attn.to_k(encoder_hidden_states)
-            value = attn.to_v(encoder_hidden_states)
-            head_dim = key.shape[-1] // attn.heads
-            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=0.0, is_causal=False)
-            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-
             context = ip_hidden_states
+            branch = None
             if context is not None and context.scale != 0:
-                tokens = context.tokens
-                if tokens.shape[0] != batch_size:
-                    tokens = tokens.expand(batch_size, -1, -1)
-                # float32 projections of float32-cast tokens, then the UNet's dtype: the official
-                # processors are created in float32 beside a float16 UNet and cast their output.
-                padded = pad_tokens(tokens, context.num_zero).to(self.id_to_k.weight.dtype)
-                id_key = self.id_to_k(padded).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-                id_value = self.id_to_v(padded).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-                identity = identity_attention(query, id_key, id_value, tokens.shape[1], context.attention,
-                                              part=self.part, step=context.step,
-                                              tokens_per_photo=context.tokens_per_photo)
-                identity = identity.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-                mass = ortho_v2_mass(query, id_key, context.ortho_tokens) if context.ortho == "v2" else None
-                hidden_states = add_identity(hidden_states, identity, context.scale, context.ortho, mass)
+                branch = partial(self._add_identity, attn, context=context)
+            return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, branch)
 
-            hidden_states = attn.to_out[0](hidden_states)
-            hidden_states = attn.to_out[1](hidden_states)
-            if input_ndim == 4:
-                hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-            if attn.residual_connection:
-                hidden_states = hidden_states + residual
-            return hidden_states / attn.rescale_output_factor
+        def _add_identity(self, attn: Any, hidden_states: torch.Tensor, query: torch.Tensor, batch_size: int,
+                          head_dim: int, *, context: PuLIDContext) -> torch.Tensor:
+            tokens = context.tokens
+            if tokens.shape[0] != batch_size:
+                tokens = tokens.expand(batch_size, -1, -1)
+            # float32 projections of float32-cast tokens, then the UNet's dtype: the official
+            # processors are created in float32 beside a float16 UNet and cast their output.
+            padded = pad_tokens(tokens, context.num_zero).to(self.id_to_k.weight.dtype)
+            id_key = self.id_to_k(padded).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            id_value = self.id_to_v(padded).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            identity = identity_attention(query, id_key, id_value, tokens.shape[1], context.attention,
+                                          part=self.part, step=context.step,
+                                          tokens_per_photo=context.tokens_per_photo)
+            identity = identity.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+            mass = ortho_v2_mass(query, id_key, context.ortho_tokens) if context.ortho == "v2" else None
+            return add_identity(hidden_states, identity, context.scale, context.ortho, mass)
 
     return PuLIDAttnProcessor
 
