@@ -11,19 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ..commands import select_option
 from ..errors import FastFaceError, NoFaceError
 
 # The names ``compare`` tries by default: aliases of the same model are listed once.
 COMPARE_BACKENDS = ("dlib", "facenet", "arcface", "antelopev2", "auraface")
-
-
-def _select(value: str) -> str | int:
-    if value in ("largest", "confidence"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--select must be 'largest', 'confidence' or an index, got {value!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     inspect = faces_sub.add_parser("inspect", help="detect faces, print them as JSON, draw them to PNGs")
     inspect.add_argument("images", nargs="+", metavar="IMAGE")
     inspect.add_argument("--backend", default="dlib", help="face backend (default: dlib)")
-    inspect.add_argument("--select", type=_select, default="largest",
+    inspect.add_argument("--select", type=select_option, default="largest",
                          help="which face is chosen: largest, confidence or an index (default: largest)")
     inspect.add_argument("--out", type=Path, default=Path("fastface_inspect"),
                          help="folder for the annotated PNGs (default: ./fastface_inspect)")
@@ -43,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("a", metavar="A")
     compare.add_argument("b", metavar="B")
     compare.add_argument("--backend", default=None, help="one backend (default: every available one)")
-    compare.add_argument("--select", type=_select, default="largest")
+    compare.add_argument("--select", type=select_option, default="largest")
     compare.set_defaults(func=run_compare)
 
     embed = faces_sub.add_parser("embed", help="write the identity of one person's photo(s) to a file that "
@@ -52,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     embed.add_argument("--out", type=Path, required=True, metavar="FILE", help="identity file: .npy or .safetensors")
     embed.add_argument("--backend", default="arcface",
                        help="face encoder; match the adapter's (default: arcface, the FaceID adapters' own)")
-    embed.add_argument("--select", type=_select, default="largest")
+    embed.add_argument("--select", type=select_option, default="largest")
     embed.add_argument("--outlier-threshold", type=float, default=None, metavar="SIM")
     embed.add_argument("--reject-threshold", type=float, default=None, metavar="SIM")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
