@@ -41,6 +41,7 @@ from .base import (
     tiny_variant,
 )
 from .clip import CLIP_H, ClipPreprocessor, load_image_encoder, penultimate_features
+from .resampler import load_projection
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -265,18 +266,9 @@ class FaceIDAdapter(IdentityAdapter):
             # load_ip_adapter does not try to fetch one itself.
             sdxl.register_modules(image_encoder=encoder)
         processor_names = list(unet.attn_processors)
-        try:
-            # A state dict, not the file: diffusers would otherwise load the LoRA keys as adapter
-            # "faceid_0" and make it the only active adapter (see the module docstring).
-            sdxl.load_ip_adapter(without_lora, subfolder=None, weight_name=checkpoint.name, image_encoder_folder=None)
-        except (KeyError, RuntimeError) as exc:
-            raise InputError(
-                f"'{checkpoint}' does not fit this backbone's UNet ({type(exc).__name__}: {str(exc)[:200]})"
-            ) from exc
-        projection = unet.encoder_hid_proj.image_projection_layers[0]
-        unet.encoder_hid_proj = None
-        unet.register_to_config(encoder_hid_dim_type=None)
-        projection.eval()
+        # Without the LoRA keys: diffusers would otherwise load them as adapter "faceid_0" and make
+        # it the only active adapter (see the module docstring).
+        projection = load_projection(sdxl, without_lora, checkpoint)
         lora = peft_lora(state["ip_adapter"], processor_names)
         if lora_keys and len(lora) != len(lora_keys):
             raise InputError(
