@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .tiny_adapters import write_tiny_adapters
+from .tiny_weights import layer_norm, linear, normal, perceiver_layers
 
 # Bump when anything written below changes: the version is part of the folder name, so a stale
 # cache is never read.
@@ -252,11 +253,6 @@ def _build_backbone(folder: Path) -> Any:
     return pipe
 
 
-def _normal(generator, *shape: int, std: float):
-    import torch
-
-    return torch.randn(*shape, generator=generator) * std
-
 
 def _processor_layout(unet) -> list[tuple[str, int, int | None]]:
     """(name, hidden size, cross-attention dim or None) per attention processor, in diffusers' order.
@@ -285,32 +281,23 @@ def _ip_adapter_layers(unet, generator) -> dict[str, Any]:
     for index, (_, hidden, cross) in enumerate(_processor_layout(unet)):
         inputs = {"to_q": hidden, "to_k": cross or hidden, "to_v": cross or hidden, "to_out": hidden}
         for proj, fan_in in inputs.items():
-            state[f"{index}.{proj}_lora.down.weight"] = _normal(generator, rank, fan_in, std=fan_in**-0.5)
-            state[f"{index}.{proj}_lora.up.weight"] = _normal(generator, hidden, rank, std=0.3 * rank**-0.5)
+            state[f"{index}.{proj}_lora.down.weight"] = normal(generator, rank, fan_in, std=fan_in**-0.5)
+            state[f"{index}.{proj}_lora.up.weight"] = normal(generator, hidden, rank, std=0.3 * rank**-0.5)
         if cross is not None:
-            state[f"{index}.to_k_ip.weight"] = _normal(generator, hidden, cross, std=cross**-0.5)
-            state[f"{index}.to_v_ip.weight"] = _normal(generator, hidden, cross, std=cross**-0.5)
+            state[f"{index}.to_k_ip.weight"] = normal(generator, hidden, cross, std=cross**-0.5)
+            state[f"{index}.to_v_ip.weight"] = normal(generator, hidden, cross, std=cross**-0.5)
     return state
 
 
-def _linear(state: dict, key: str, generator, out: int, fan_in: int, bias: bool = True) -> None:
-    state[f"{key}.weight"] = _normal(generator, out, fan_in, std=fan_in**-0.5)
-    if bias:
-        state[f"{key}.bias"] = _normal(generator, out, std=0.02)
-
-
-def _layer_norm(state: dict, key: str, generator, dim: int) -> None:
-    state[f"{key}.weight"] = 1.0 + _normal(generator, dim, std=0.05)
-    state[f"{key}.bias"] = _normal(generator, dim, std=0.05)
 
 
 def _faceid_projection(generator) -> dict[str, Any]:
     """Original ``MLPProjModel``: Linear(D, 2D) - GELU - Linear(2D, 4·C), LayerNorm(C)."""
     d, c = TINY_EMBEDDING_DIM, TINY_CROSS_ATTENTION_DIM
     state: dict[str, Any] = {}
-    _linear(state, "proj.0", generator, 2 * d, d)
-    _linear(state, "proj.2", generator, TINY_NUM_TOKENS * c, 2 * d)
-    _layer_norm(state, "norm", generator, c)
+    linear(state, "proj.0", generator, 2 * d, d)
+    linear(state, "proj.2", generator, TINY_NUM_TOKENS * c, 2 * d)
+    layer_norm(state, "norm", generator, c)
     return state
 
 
@@ -323,19 +310,10 @@ def _faceid_plus_projection(generator, clip_hidden: int) -> dict[str, Any]:
     inner = (c // 64) * 64
     state = _faceid_projection(generator)
     prefix = "perceiver_resampler"
-    _linear(state, f"{prefix}.proj_in", generator, c, clip_hidden)
-    _linear(state, f"{prefix}.proj_out", generator, c, c)
-    _layer_norm(state, f"{prefix}.norm_out", generator, c)
-    for layer in range(4):
-        attn, ff = f"{prefix}.layers.{layer}.0", f"{prefix}.layers.{layer}.1"
-        _layer_norm(state, f"{attn}.norm1", generator, c)
-        _layer_norm(state, f"{attn}.norm2", generator, c)
-        _linear(state, f"{attn}.to_q", generator, inner, c, bias=False)
-        _linear(state, f"{attn}.to_kv", generator, 2 * inner, c, bias=False)
-        _linear(state, f"{attn}.to_out", generator, c, inner, bias=False)
-        _layer_norm(state, f"{ff}.0", generator, c)
-        _linear(state, f"{ff}.1", generator, 4 * c, c, bias=False)
-        _linear(state, f"{ff}.3", generator, c, 4 * c, bias=False)
+    linear(state, f"{prefix}.proj_in", generator, c, clip_hidden)
+    linear(state, f"{prefix}.proj_out", generator, c, c)
+    layer_norm(state, f"{prefix}.norm_out", generator, c)
+    perceiver_layers(state, f"{prefix}.", generator, dim=c, inner=inner, depth=4)
     return state
 
 
@@ -385,10 +363,10 @@ def _distill_lora(unet, generator) -> dict[str, Any]:
         if not name.endswith(("attn1", "attn2")):
             continue
         for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            linear = module.get_submodule(proj)
+            layer = module.get_submodule(proj)
             key = f"unet.{name}.{proj}"
-            state[f"{key}.lora_A.weight"] = _normal(generator, rank, linear.in_features, std=linear.in_features**-0.5)
-            state[f"{key}.lora_B.weight"] = _normal(generator, linear.out_features, rank, std=0.3 * rank**-0.5)
+            state[f"{key}.lora_A.weight"] = normal(generator, rank, layer.in_features, std=layer.in_features**-0.5)
+            state[f"{key}.lora_B.weight"] = normal(generator, layer.out_features, rank, std=0.3 * rank**-0.5)
     return state
 
 

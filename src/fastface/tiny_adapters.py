@@ -29,6 +29,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .tiny_weights import layer_norm, linear, normal, perceiver_layers
+
 RESAMPLER_DIM = 128
 RESAMPLER_DEPTH = 4
 NUM_TOKENS = 16
@@ -42,24 +44,9 @@ CONTROLNET_DIR = "ControlNetModel"
 
 
 # ---------------------------------------------------------------------------------------------
-# State-dict writers (original key layouts)
-
-
-def _normal(generator: Any, *shape: int, std: float) -> Any:
-    import torch
-
-    return torch.randn(*shape, generator=generator) * std
-
-
-def _linear(state: dict, key: str, generator: Any, out: int, fan_in: int, bias: bool = True) -> None:
-    state[f"{key}.weight"] = _normal(generator, out, fan_in, std=fan_in**-0.5)
-    if bias:
-        state[f"{key}.bias"] = _normal(generator, out, std=0.02)
-
-
-def _layer_norm(state: dict, key: str, generator: Any, dim: int) -> None:
-    state[f"{key}.weight"] = 1.0 + _normal(generator, dim, std=0.1)
-    state[f"{key}.bias"] = _normal(generator, dim, std=0.1)
+# State-dict writers (original key layouts). LayerNorms are perturbed twice as much as in
+# fastface.tiny, so that a Resampler norm applied to the wrong tensor moves the tokens visibly.
+NORM_STD = 0.1
 
 
 def ip_layers(unet: Any, generator: Any) -> dict[str, Any]:
@@ -80,8 +67,8 @@ def ip_layers(unet: Any, generator: Any) -> dict[str, Any]:
             hidden = list(reversed(blocks))[int(name.split(".")[1])]
         else:
             hidden = blocks[int(name.split(".")[1])]
-        state[f"{index}.to_k_ip.weight"] = _normal(generator, hidden, cross, std=cross**-0.5)
-        state[f"{index}.to_v_ip.weight"] = _normal(generator, hidden, cross, std=cross**-0.5)
+        state[f"{index}.to_k_ip.weight"] = normal(generator, hidden, cross, std=cross**-0.5)
+        state[f"{index}.to_v_ip.weight"] = normal(generator, hidden, cross, std=cross**-0.5)
     return state
 
 
@@ -101,29 +88,20 @@ def resampler_state(
     is dim / 64 here too.
     """
     inner = dim
-    state: dict[str, Any] = {"latents": _normal(generator, 1, num_queries, dim, std=dim**-0.5)}
-    _linear(state, "proj_in", generator, dim, embedding_dim)
-    _linear(state, "proj_out", generator, output_dim, dim)
-    _layer_norm(state, "norm_out", generator, output_dim)
-    for layer in range(depth):
-        attn, ff = f"layers.{layer}.0", f"layers.{layer}.1"
-        _layer_norm(state, f"{attn}.norm1", generator, dim)
-        _layer_norm(state, f"{attn}.norm2", generator, dim)
-        _linear(state, f"{attn}.to_q", generator, inner, dim, bias=False)
-        _linear(state, f"{attn}.to_kv", generator, 2 * inner, dim, bias=False)
-        _linear(state, f"{attn}.to_out", generator, dim, inner, bias=False)
-        _layer_norm(state, f"{ff}.0", generator, dim)
-        _linear(state, f"{ff}.1", generator, ff_mult * dim, dim, bias=False)
-        _linear(state, f"{ff}.3", generator, dim, ff_mult * dim, bias=False)
+    state: dict[str, Any] = {"latents": normal(generator, 1, num_queries, dim, std=dim**-0.5)}
+    linear(state, "proj_in", generator, dim, embedding_dim)
+    linear(state, "proj_out", generator, output_dim, dim)
+    layer_norm(state, "norm_out", generator, output_dim, NORM_STD)
+    perceiver_layers(state, "", generator, dim=dim, inner=inner, depth=depth, ff_mult=ff_mult, norm_std=NORM_STD)
     return state
 
 
 def mlp_state(generator: Any, *, embedding_dim: int, output_dim: int, num_tokens: int = NUM_TOKENS) -> dict[str, Any]:
     """FaceID's ``MLPProjModel``: Linear(D, 2D) - GELU - Linear(2D, S·C), LayerNorm(C)."""
     state: dict[str, Any] = {}
-    _linear(state, "proj.0", generator, 2 * embedding_dim, embedding_dim)
-    _linear(state, "proj.2", generator, num_tokens * output_dim, 2 * embedding_dim)
-    _layer_norm(state, "norm", generator, output_dim)
+    linear(state, "proj.0", generator, 2 * embedding_dim, embedding_dim)
+    linear(state, "proj.2", generator, num_tokens * output_dim, 2 * embedding_dim)
+    layer_norm(state, "norm", generator, output_dim, NORM_STD)
     return state
 
 
@@ -176,8 +154,8 @@ def identitynet(unet: Any, seed: int = 15) -> Any:
     with torch.no_grad():
         for module in zero_modules:
             fan_in = module.weight[0].numel()
-            module.weight.copy_(_normal(g, *module.weight.shape, std=fan_in**-0.5))
-            module.bias.copy_(_normal(g, *module.bias.shape, std=0.05))
+            module.weight.copy_(normal(g, *module.weight.shape, std=fan_in**-0.5))
+            module.bias.copy_(normal(g, *module.bias.shape, std=0.05))
     return controlnet
 
 

@@ -32,6 +32,7 @@ from .tiny import (
     _unet_config,
     default_cache_root,
 )
+from .tiny_weights import layer_norm, linear, normal, perceiver_layers
 
 TINY_PULID_VERSION = "2"
 PULID_V1_FILE = "pulid_v1.bin"
@@ -70,29 +71,15 @@ def tiny_pulid_dir(root: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def _normal(generator, *shape: int, std: float):
-    import torch
 
-    return torch.randn(*shape, generator=generator) * std
-
-
-def _linear(state: dict, key: str, generator, out: int, fan_in: int, bias: bool = True, gain: float = 1.0) -> None:
-    state[f"{key}.weight"] = _normal(generator, out, fan_in, std=gain * fan_in**-0.5)
-    if bias:
-        state[f"{key}.bias"] = _normal(generator, out, std=0.02)
-
-
-def _layer_norm(state: dict, key: str, generator, dim: int) -> None:
-    state[f"{key}.weight"] = 1.0 + _normal(generator, dim, std=0.05)
-    state[f"{key}.bias"] = _normal(generator, dim, std=0.05)
 
 
 def _mlp(state: dict, key: str, generator, dims: list[int]) -> None:
     """Linear/LayerNorm/LeakyReLU stacks as PuLID's ``nn.Sequential`` (linear layers at 0, 3, 6)."""
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        _linear(state, f"{key}.{3 * i}", generator, d_out, d_in)
+        linear(state, f"{key}.{3 * i}", generator, d_out, d_in)
         if i < len(dims) - 2:
-            _layer_norm(state, f"{key}.{3 * i + 1}", generator, d_out)
+            layer_norm(state, f"{key}.{3 * i + 1}", generator, d_out)
 
 
 def tiny_eva_clip_state(generator) -> dict[str, Any]:
@@ -103,29 +90,29 @@ def tiny_eva_clip_state(generator) -> dict[str, Any]:
     w, hidden = cfg["width"], cfg["mlp_hidden"]
     grid = cfg["image"] // cfg["patch"]
     state: dict[str, Any] = {}
-    state["patch_embed.proj.weight"] = _normal(generator, w, 3, cfg["patch"], cfg["patch"], std=(3 * cfg["patch"] ** 2) ** -0.5)
-    state["patch_embed.proj.bias"] = _normal(generator, w, std=0.02)
-    state["cls_token"] = _normal(generator, 1, 1, w, std=0.5)
-    state["pos_embed"] = _normal(generator, 1, grid * grid + 1, w, std=0.5)
+    state["patch_embed.proj.weight"] = normal(generator, w, 3, cfg["patch"], cfg["patch"], std=(3 * cfg["patch"] ** 2) ** -0.5)
+    state["patch_embed.proj.bias"] = normal(generator, w, std=0.02)
+    state["cls_token"] = normal(generator, 1, 1, w, std=0.5)
+    state["pos_embed"] = normal(generator, 1, grid * grid + 1, w, std=0.5)
     cos, sin = rotary_tables(cfg["head_dim"], grid)
     state["rope.freqs_cos"], state["rope.freqs_sin"] = cos, sin
     for b in range(cfg["depth"]):
         p = f"blocks.{b}"
-        _layer_norm(state, f"{p}.norm1", generator, w)
-        _layer_norm(state, f"{p}.norm2", generator, w)
+        layer_norm(state, f"{p}.norm1", generator, w)
+        layer_norm(state, f"{p}.norm2", generator, w)
         for proj in ("q_proj", "k_proj", "v_proj"):
-            _linear(state, f"{p}.attn.{proj}", generator, w, w, bias=False)
-        state[f"{p}.attn.q_bias"] = _normal(generator, w, std=0.1)
-        state[f"{p}.attn.v_bias"] = _normal(generator, w, std=0.1)
-        _layer_norm(state, f"{p}.attn.inner_attn_ln", generator, w)
-        _linear(state, f"{p}.attn.proj", generator, w, w, gain=0.3)
+            linear(state, f"{p}.attn.{proj}", generator, w, w, bias=False)
+        state[f"{p}.attn.q_bias"] = normal(generator, w, std=0.1)
+        state[f"{p}.attn.v_bias"] = normal(generator, w, std=0.1)
+        layer_norm(state, f"{p}.attn.inner_attn_ln", generator, w)
+        linear(state, f"{p}.attn.proj", generator, w, w, gain=0.3)
         state[f"{p}.attn.rope.freqs_cos"], state[f"{p}.attn.rope.freqs_sin"] = cos, sin
-        _linear(state, f"{p}.mlp.w1", generator, hidden, w)
-        _linear(state, f"{p}.mlp.w2", generator, hidden, w)
-        _layer_norm(state, f"{p}.mlp.ffn_ln", generator, hidden)
-        _linear(state, f"{p}.mlp.w3", generator, w, hidden, gain=0.3)
-    _layer_norm(state, "norm", generator, w)
-    _linear(state, "head", generator, cfg["embed"], w)
+        linear(state, f"{p}.mlp.w1", generator, hidden, w)
+        linear(state, f"{p}.mlp.w2", generator, hidden, w)
+        layer_norm(state, f"{p}.mlp.ffn_ln", generator, hidden)
+        linear(state, f"{p}.mlp.w3", generator, w, hidden, gain=0.3)
+    layer_norm(state, "norm", generator, w)
+    linear(state, "head", generator, cfg["embed"], w)
     return {f"visual.{k}": v for k, v in state.items()}
 
 
@@ -137,12 +124,12 @@ def tiny_bisenet_state(generator) -> dict[str, Any]:
     state: dict[str, Any] = {}
 
     def conv(key: str, out: int, c_in: int, k: int) -> None:
-        state[f"{key}.weight"] = _normal(generator, out, c_in, k, k, std=(c_in * k * k) ** -0.5)
+        state[f"{key}.weight"] = normal(generator, out, c_in, k, k, std=(c_in * k * k) ** -0.5)
 
     def bn(key: str, c: int) -> None:
-        state[f"{key}.weight"] = 1.0 + _normal(generator, c, std=0.1)
-        state[f"{key}.bias"] = _normal(generator, c, std=0.1)
-        state[f"{key}.running_mean"] = _normal(generator, c, std=0.1)
+        state[f"{key}.weight"] = 1.0 + normal(generator, c, std=0.1)
+        state[f"{key}.bias"] = normal(generator, c, std=0.1)
+        state[f"{key}.running_mean"] = normal(generator, c, std=0.1)
         state[f"{key}.running_var"] = 0.5 + torch.rand(c, generator=generator)
         state[f"{key}.num_batches_tracked"] = torch.tensor(1000)
 
@@ -200,7 +187,7 @@ def _attn_layers(generator, layout: list[tuple[str, int, int | None]]) -> dict[s
     for index, (_, hidden, cross) in enumerate(layout):
         if cross is not None:
             for proj in ("id_to_k", "id_to_v"):
-                state[f"id_adapter_attn_layers.{index}.{proj}.weight"] = _normal(generator, hidden, cross, std=cross**-0.5)
+                state[f"id_adapter_attn_layers.{index}.{proj}.weight"] = normal(generator, hidden, cross, std=cross**-0.5)
     return state
 
 
@@ -222,19 +209,10 @@ def tiny_id_former_state(generator, dim: int = 64, depth: int = 10, heads: int =
     c, cond = TINY_CROSS_ATTENTION_DIM, TINY_ANTELOPE_DIM + TINY_EVA["embed"]
     inner = 64 * heads
     state: dict[str, Any] = {
-        "latents": _normal(generator, 1, queries, dim, std=dim**-0.5),
-        "proj_out": _normal(generator, dim, c, std=dim**-0.5),
+        "latents": normal(generator, 1, queries, dim, std=dim**-0.5),
+        "proj_out": normal(generator, dim, c, std=dim**-0.5),
     }
-    for layer in range(depth):
-        attn, ff = f"layers.{layer}.0", f"layers.{layer}.1"
-        _layer_norm(state, f"{attn}.norm1", generator, dim)
-        _layer_norm(state, f"{attn}.norm2", generator, dim)
-        _linear(state, f"{attn}.to_q", generator, inner, dim, bias=False)
-        _linear(state, f"{attn}.to_kv", generator, 2 * inner, dim, bias=False)
-        _linear(state, f"{attn}.to_out", generator, dim, inner, bias=False, gain=0.5)
-        _layer_norm(state, f"{ff}.0", generator, dim)
-        _linear(state, f"{ff}.1", generator, 4 * dim, dim, bias=False)
-        _linear(state, f"{ff}.3", generator, dim, 4 * dim, bias=False, gain=0.5)
+    perceiver_layers(state, "", generator, dim=dim, inner=inner, depth=depth, out_gain=0.5)
     for i in range(5):
         _mlp(state, f"mapping_{i}", generator, [TINY_EVA["width"], TINY_MAPPING_HIDDEN, TINY_MAPPING_HIDDEN, dim])
     _mlp(state, "id_embedding_mapping", generator, [cond, TINY_MAPPING_HIDDEN, TINY_MAPPING_HIDDEN, 5 * dim])
